@@ -1,0 +1,139 @@
+"""Time one training epoch and one UNIT run at the `cpu` and `paper` model sizes, side by side in one process.
+
+Timing does not depend on pixel values, so inputs are random tensors of CIFAR-10's shape. Where a full epoch or
+UNIT run would take too long (ResNet-18 on a CPU), ``--max-steps`` steps are timed and the total extrapolated;
+the output says which numbers are measured and which extrapolated.
+
+    python benchmarks/bench.py [--profiles cpu paper] [--max-steps 20] [--device auto] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unitlib import config, models  # noqa: E402
+from unitlib.defenses import UNIT, CleanSplit  # noqa: E402
+from unitlib.defenses.unit import BoundedModel, activation_sites  # noqa: E402
+from unitlib.train import Recipe, augment, autocast, resolve_device  # noqa: E402
+from unitlib.results import device_name  # noqa: E402
+
+
+def time_train(exp: config.Experiment, n_train: int, max_steps: int, device: torch.device) -> dict:
+    model = models.build(exp.model, width=exp.width, activation=exp.activation).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    recipe: Recipe = exp.recipe()
+    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    steps = min(steps_per_epoch, max_steps)
+    x = torch.rand(recipe.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
+
+    def step() -> None:
+        xb = augment(x, 4, True).contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(xb), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(3):  # warm-up
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    per_step = (time.perf_counter() - start) / steps
+    return {
+        "images_per_s": recipe.batch_size / per_step,
+        "epoch_s": per_step * steps_per_epoch,
+        "epoch_images": n_train,
+        "measured_steps": steps,
+        "extrapolated": steps < steps_per_epoch,
+    }
+
+
+def time_unit(exp: config.Experiment, n_opt: int, n_val: int, max_steps: int, device: torch.device) -> dict:
+    """One UNIT step (full batch over the optimise split + validation) with frozen and with unfrozen weights;
+    a whole run is steps x per-step time (plus the initial statistics pass)."""
+    model = models.build(exp.model, width=exp.width, activation=exp.activation).to(device).eval()
+    out = {}
+    for label, unit in [("fast", UNIT(**exp.defense_params) if exp.defense == "unit" else UNIT()),
+                        ("official", UNIT.official_schedule())]:
+        n_steps = min(unit.steps, max_steps)
+        short = UNIT(**{**{f: getattr(unit, f) for f in config.defenses.parameters("unit")}, "steps": n_steps})
+        clean = CleanSplit(torch.rand(n_opt, 3, 32, 32), torch.randint(0, 10, (n_opt,)),
+                           torch.rand(n_val, 3, 32, 32), torch.randint(0, 10, (n_val,)))
+        _sync(device)
+        start = time.perf_counter()
+        short(model, clean, device=device, progress=False)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        # split the fixed cost (statistics, first validation) from the per-step cost with a 1-step run
+        one = UNIT(**{**{f: getattr(unit, f) for f in config.defenses.parameters("unit")}, "steps": 1})
+        start = time.perf_counter()
+        one(model, clean, device=device, progress=False)
+        _sync(device)
+        fixed_plus_one = time.perf_counter() - start
+        per_step = (elapsed - fixed_plus_one) / max(n_steps - 1, 1) if n_steps > 1 else fixed_plus_one
+        fixed = max(fixed_plus_one - per_step, 0.0)
+        out[label] = {
+            "steps": unit.steps, "lr": unit.lr, "freeze_weights": unit.freeze_weights, "measured_steps": n_steps,
+            "step_s": per_step, "run_s": fixed + per_step * unit.steps, "extrapolated": n_steps < unit.steps,
+        }
+    out["speedup_official_over_fast"] = out["official"]["run_s"] / out["fast"]["run_s"]
+    out["per_step_speedup_frozen"] = out["official"]["step_s"] / out["fast"]["step_s"]
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profiles", nargs="+", default=["cpu", "paper"], choices=list(config.PROFILES))
+    parser.add_argument("--max-steps", type=int, default=20, help="cap on timed steps (the rest is extrapolated)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    report = {"device": device_name(device), "torch": torch.__version__, "profiles": {}}
+    for name in args.profiles:
+        exp = config.profile(name)
+        n_train = exp.train_size or 50_000
+        n_clean = round(exp.clean_fraction * n_train)
+        n_val = n_clean // 5
+        report["profiles"][name] = {
+            "model": f"{exp.model} (width {exp.width or models.DEFAULT_WIDTH[exp.model]})",
+            "train": time_train(exp, n_train, args.max_steps, device),
+            "unit": time_unit(exp, n_clean - n_val, n_val, args.max_steps, device),
+        }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print()
+    print(f"{'profile':8} {'model':24} {'train img/s':>12} {'epoch s':>9} {'UNIT fast s':>12} {'UNIT official s':>16}")
+    for name, r in report["profiles"].items():
+        t, u = r["train"], r["unit"]
+        star = lambda d: "*" if d["extrapolated"] else " "  # noqa: E731
+        print(f"{name:8} {r['model']:24} {t['images_per_s']:12.0f} {t['epoch_s']:8.0f}{star(t)} "
+              f"{u['fast']['run_s']:11.0f}{star(u['fast'])} {u['official']['run_s']:15.0f}{star(u['official'])}")
+    print("* extrapolated from --max-steps timed steps")
+
+
+if __name__ == "__main__":
+    main()

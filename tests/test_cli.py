@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from unitlib.cli import main, overrides
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "attacks: badnets, blend" in out and "profiles: smoke, cpu, paper" in out
+
+
+def test_show_applies_overrides(capsys):
+    assert main(["show", "--profile", "cpu", "--set", "epochs=3", "--set", "defense_params.steps=300"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["epochs"] == 3 and cfg["defense_params"] == {"steps": 300} and cfg["dataset"] == "cifar10-jpeg"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--profile", "smoke", "--attack", "trojan-x"], "unknown attack 'trojan-x'; valid choices: badnets, blend"),
+    (["run", "--profile", "smoke", "--set", "poison_rate=2"], "poison_rate must be in [0, 1), got 2"),
+    (["run", "--profile", "smoke", "--set", "epochz=2"], "unknown experiment key(s) epochz; valid keys:"),
+    (["run", "--profile", "smoke", "--set", "epochs"], "--set expects key=value"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UNITLIB_DATA", str(tmp_path))
+    code = main(["run", "--profile", "cpu", "--data-root", str(tmp_path / "nowhere"), "--no-save", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cifar10-jpeg" in err and "UNITLIB_DATA" in err
+
+
+def test_overrides_parse_json_values():
+    assert overrides(["seed=3", "model=resnet18", "attack_params.alpha=0.1", "width=null"]) == {
+        "seed": 3, "model": "resnet18", "attack_params": {"alpha": 0.1}, "width": None}

@@ -1,0 +1,52 @@
+"""The whole path on the `smoke` profile: the attack plants a backdoor, UNIT removes it within its budget, a record
+is written, and a second run reuses the cached backdoored model."""
+
+import json
+
+import pytest
+
+from unitlib import results
+from unitlib.cli import main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNITLIB_CACHE", str(cache))
+    argv = ["run", "--profile", "smoke", "--attack", "badnets", "--defense", "unit", "--results", str(out), "--quiet"]
+    try:
+        assert main(argv) == 0
+        first = results.load_all(out)
+        assert main(argv) == 0
+        second = results.load_all(out)
+    finally:
+        mp.undo()
+    return first, second, out
+
+
+def test_attack_plants_and_unit_removes_the_backdoor(runs):
+    (rec,), _, _ = runs
+    before, after = rec.metrics["before"], rec.metrics["after"]
+    assert before["asr"] >= 0.9 and before["clean_acc"] >= 0.8
+    assert after["asr"] <= 0.2
+    # the budget is checked on the defender's validation split; allow sampling noise on the test set
+    assert before["clean_acc"] - after["clean_acc"] <= rec.experiment.make_defense().degradation + 0.05
+    assert rec.report["threshold_met"]
+
+
+def test_record_carries_provenance(runs):
+    (rec,), _, out = runs
+    assert rec.provenance["dataset"] == "synthetic"
+    assert rec.provenance["model_from_cache"] is False
+    assert {"data", "poison", "train", "defense", "eval_before", "eval_after"} <= set(rec.seconds)
+    raw = json.loads(next(out.glob("*.json")).read_text())
+    assert raw["config"]["attack"] == "badnets" and raw["key"] == rec.key
+
+
+def test_second_run_reuses_the_cached_model(runs):
+    (first,), (second,), _ = runs
+    assert second.provenance["model_from_cache"] is True
+    assert second.metrics["before"] == first.metrics["before"]
+    assert second.seconds["train"] < first.seconds["train"]

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from unitlib import models, results
+from unitlib.defenses import UNIT, BoundedModel, CleanSplit
+from unitlib.defenses.unit import activation_sites, select_layers
+
+
+def _clean(n=120, nval=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return CleanSplit(torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % 10,
+                      torch.rand(nval, 3, 32, 32, generator=g), torch.arange(nval) % 10)
+
+
+def _model(name="small-cnn", act="relu"):
+    torch.manual_seed(0)
+    return models.build(name, width=4, activation=act).eval()
+
+
+def test_initial_bounds_are_mean_plus_four_std():
+    model, clean = _model(), _clean()
+    unit = UNIT(steps=1, lr=1e-12, augment=False)
+    defended = unit(model, clean, progress=False)
+    acts = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n in defended.layers]
+    with torch.no_grad():
+        model(clean.x_opt)
+    for h in hooks:
+        h.remove()
+    for name, bound in defended.bound_values().items():
+        a = acts[name]
+        expected = (a.mean(0) + 4 * a.std(0)).clamp(min=0)
+        assert bound.shape == expected.shape
+        assert torch.allclose(bound, expected, atol=1e-4, rtol=1e-4), name
+
+
+def test_channel_granularity_shapes():
+    defended = UNIT(steps=2, granularity="channel")(_model(), _clean(), progress=False)
+    for name, b in defended.bound_values().items():
+        assert b.ndim == 3 and b.shape[1:] == (1, 1), name
+
+
+def test_does_not_change_the_original_model():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    UNIT(steps=3, freeze_weights=False)(model, _clean(), progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_clipping_and_rejection_semantics():
+    toy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())
+    x = torch.tensor([[-1.0, 0.2, 0.5, 0.9, 3.0]])
+    bound = {"1": torch.full((5,), 0.5)}
+    clip = BoundedModel(toy, bound, "clip")(x)
+    assert torch.equal(clip, torch.tensor([[0.0, 0.2, 0.5, 0.5, 0.5]]))
+    toy2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())
+    reject = BoundedModel(toy2, bound, "reject")(x)
+    assert torch.equal(reject, torch.tensor([[0.0, 0.2, 0.5, 0.0, 0.0]]))
+
+
+def test_layer_selection():
+    sites = [f"s{i}" for i in range(6)]
+    assert select_layers(sites, "all") == sites
+    assert select_layers(sites, "first:2") == ["s0", "s1"]
+    assert select_layers(sites, "last:3") == ["s3", "s4", "s5"]
+    with pytest.raises(ValueError, match="layers must be 'all', 'first:k' or 'last:k'"):
+        select_layers(sites, "middle:2")
+    defended = UNIT(steps=1, layers="last:2")(_model(), _clean(), progress=False)
+    assert len(defended.layers) == 2
+
+
+@pytest.mark.parametrize("name,act", [("preact-resnet18", "relu"), ("resnet18", "tanh"), ("small-cnn", "elu")])
+def test_any_architecture_and_activation(name, act):
+    defended = UNIT(steps=2)(_model(name, act), _clean(60, 20), progress=False)
+    assert defended(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert UNIT(steps=2).report == {}  # a fresh instance has no report
+
+
+def test_report_and_budget():
+    unit = UNIT(steps=8, degradation=0.05)
+    unit(_model(), _clean(), progress=False)
+    r = unit.report
+    assert r["threshold"] == pytest.approx(r["base_val_acc"] - 0.05)
+    assert r["threshold_met"] and r["final_val_acc"] >= r["threshold"]
+    assert len(r["history"]) == 8
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = _model()
+    defended = UNIT(steps=3)(model, _clean(), progress=False)
+    path = results.save_model(defended, tmp_path / "d.safetensors")
+    fresh = models.build("small-cnn", width=4)
+    from safetensors.torch import load_file
+
+    loaded = BoundedModel.from_state_dict(fresh, load_file(str(path))).eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), defended(x))
+        assert not torch.equal(loaded(x), model(x))
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="degradation must be in \\[0, 1\\), got 2"):
+        UNIT(degradation=2)
+    with pytest.raises(ValueError, match="unknown mode 'zero'; valid choices: clip, reject"):
+        UNIT(mode="zero")
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        UNIT(steps=0)
+
+
+def test_official_schedule():
+    u = UNIT.official_schedule(degradation=0.03)
+    assert (u.steps, u.lr, u.val_every, u.freeze_weights, u.degradation) == (300, 1e-3, 1, False, 0.03)

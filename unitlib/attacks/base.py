@@ -1,0 +1,78 @@
+"""The attack interface: an attack turns a clean training set into a poisoned one and stamps its trigger on
+test images. Images are float tensors in [0, 1] pixel space, N x C x H x W; triggers act before normalisation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+
+class Poisoned(NamedTuple):
+    """A poisoned training set: images, labels, and the indices whose image or label the attack changed."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class Attack:
+    """Base class. Subclasses are dataclasses whose fields are the attack's parameters (with the papers' defaults),
+    implement :meth:`apply` (the trigger) and set ``name`` and ``clean_label``."""
+
+    name: ClassVar[str] = ""
+    clean_label: ClassVar[bool] = False
+    citation: ClassVar[str] = ""
+
+    target: int = 0
+    poison_rate: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.poison_rate <= 1.0:
+            raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate!r}")
+        if self.target < 0:
+            raise ValueError(f"target must be a class index >= 0, got {self.target!r}")
+
+    # -- the trigger ---------------------------------------------------------------------------------------------
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp the test-time trigger on images in [0, 1]; returns new images in [0, 1]."""
+        raise NotImplementedError
+
+    def apply_train(self, x: torch.Tensor) -> torch.Tensor:
+        """The trigger as stamped at poisoning time (the same as at test time unless an attack says otherwise)."""
+        return self.apply(x)
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A generator seeded by the attack's seed, so triggers and poisoned indices are reproducible."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    # -- poisoning -----------------------------------------------------------------------------------------------
+    def select(self, y: torch.Tensor) -> torch.Tensor:
+        """Indices to poison: ``poison_rate`` of the whole training set, drawn from non-target samples (dirty-label)
+        or from target-class samples (clean-label)."""
+        n = round(self.poison_rate * len(y))
+        pool = torch.nonzero(y == self.target if self.clean_label else y != self.target).flatten()
+        if n > len(pool):
+            kind = "target-class" if self.clean_label else "non-target"
+            raise ValueError(
+                f"poison_rate {self.poison_rate} asks for {n} poisoned samples but only {len(pool)} {kind} samples exist"
+            )
+        perm = torch.randperm(len(pool), generator=self.generator(salt=1))
+        return pool[perm[:n]].sort().values
+
+    def poison(self, x: torch.Tensor, y: torch.Tensor) -> Poisoned:
+        """Poison a training set: the selected images get the trigger and (dirty-label) the target label."""
+        index = self.select(y)
+        x, y = x.clone(), y.clone()
+        if len(index):
+            x[index] = self.apply_train(x[index]).clamp(0, 1)
+            if not self.clean_label:
+                y[index] = self.target
+        return Poisoned(x, y, index)
+
+    def params(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,107 @@
+"""Run one experiment end to end: data -> poison -> train (cached) -> defend -> evaluate -> record."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data, models, results
+from .config import Experiment
+from .defenses import CleanSplit
+from .metrics import evaluate
+from .train import fit, resolve_device
+
+
+@contextmanager
+def _timer(seconds: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def build_model(exp: Experiment, dataset: data.Dataset) -> nn.Module:
+    return models.build(
+        exp.model, num_classes=dataset.num_classes, in_channels=dataset.shape[0], width=exp.width,
+        activation=exp.activation,
+    )
+
+
+def backdoored_model(
+    exp: Experiment, dataset: data.Dataset, poisoned_x: torch.Tensor, poisoned_y: torch.Tensor, *,
+    device: torch.device, progress: bool = True,
+) -> tuple[nn.Module, bool]:
+    """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached.
+    Returns the model and whether it came from the cache."""
+    path = results.model_path(exp)
+    model = build_model(exp, dataset)
+    if path.exists():
+        return results.load_model(model, path).to(device).eval(), True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = path.with_suffix(".partial.safetensors")
+    fit(model, poisoned_x, poisoned_y, exp.recipe(), device=device, seed=exp.seed, checkpoint=checkpoint,
+        progress=progress)
+    results.save_model(model, path, metadata={"model_key": exp.model_key(), "config": json.dumps(exp.to_dict())})
+    checkpoint.unlink(missing_ok=True)
+    return model.eval(), False
+
+
+def run(
+    exp: Experiment,
+    *,
+    device: str | torch.device | None = None,
+    results_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    progress: bool = True,
+    save: bool = True,
+    log=print,
+) -> results.Record:
+    """Run ``exp`` and (with ``save``) write its record. Prints each stage's metrics and time through ``log``."""
+    dev = resolve_device(device)
+    seconds: dict[str, float] = {}
+    torch.manual_seed(exp.seed)
+    with _timer(seconds, "data"):
+        dataset = data.load(exp.dataset, data_root, size=exp.train_size)
+    attack = exp.make_attack()
+    if exp.target >= dataset.num_classes:
+        raise ValueError(f"target {exp.target} is not a class of {exp.dataset} (0..{dataset.num_classes - 1})")
+    with _timer(seconds, "poison"):
+        poisoned = attack.poison(data.to_float(dataset.x_train), dataset.y_train)
+    with _timer(seconds, "train"):
+        model, cached = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress)
+    log(f"backdoored model {'loaded from cache' if cached else 'trained'} in {seconds['train']:.1f}s")
+    with _timer(seconds, "eval_before"):
+        before = evaluate(model, dataset.x_test, dataset.y_test, attack, device=dev)
+    log(f"before {exp.defense}: clean_acc {before['clean_acc']:.2%}  asr {before['asr']:.2%}")
+
+    # The defender's clean data: never poisoned samples, never test data.
+    opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],
+                       dataset.x_train[val_idx], dataset.y_train[val_idx])
+    defense = exp.make_defense()
+    with _timer(seconds, "defense"):
+        defended = defense(model, clean, device=dev, progress=progress)
+    with _timer(seconds, "eval_after"):
+        after = evaluate(defended, dataset.x_test, dataset.y_test, attack, device=dev)
+    log(f"after {exp.defense}: clean_acc {after['clean_acc']:.2%}  asr {after['asr']:.2%}  "
+        f"({seconds['defense']:.1f}s)")
+    record = results.Record(
+        key=exp.key(),
+        config=exp.to_dict(),
+        metrics={"before": before, "after": after},
+        seconds=seconds,
+        provenance={**results.provenance(dev), "dataset": exp.dataset, "model_key": exp.model_key(),
+                    "model_from_cache": cached,
+                    "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
+                    "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},
+        report=dict(defense.report),
+    )
+    if save:
+        path = results.save(record, results_dir)
+        log(f"record written: {path}")
+    return record
