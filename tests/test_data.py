@@ -146,8 +146,9 @@ def test_jpeg_via_env_and_unpacked_folder(tmp_path, monkeypatch):
     _check_jpeg_dataset(data.load("cifar10-jpeg"), files)
 
     unpacked = tmp_path / "unpacked"
-    with tarfile.open(tmp_path / "cifar10-jpeg.tar.xz") as tf:
-        tf.extractall(unpacked, filter="data")
+    for name, blob in files.items():
+        (unpacked / name).parent.mkdir(parents=True, exist_ok=True)
+        (unpacked / name).write_bytes(blob)
     data._jpeg_arrays.cache_clear()
     _check_jpeg_dataset(data.load("cifar10-jpeg", root=unpacked), files)
     _check_jpeg_dataset(data.load("cifar10-jpeg", root=unpacked / "cifar10-jpeg"), files)
@@ -359,6 +360,11 @@ def test_balanced_subset():
     assert counts.max() - counts.min() <= 1
     assert torch.equal(idx, data.balanced_subset(y, 95, torch.Generator().manual_seed(0), exclude))
     assert not torch.equal(idx, data.balanced_subset(y, 95, torch.Generator().manual_seed(1), exclude))
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[exclude] = True
+    assert torch.equal(idx, data.balanced_subset(y, 95, torch.Generator().manual_seed(0), mask))
+    for nothing in (None, [], torch.tensor([], dtype=torch.int64)):
+        assert len(data.balanced_subset(y, 1000, torch.Generator(), nothing)) == 1000
 
 
 def test_balanced_subset_short_class_and_errors():

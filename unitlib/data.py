@@ -213,6 +213,8 @@ def _exclusion_mask(exclude: torch.Tensor | None, n: int) -> torch.Tensor:
     if exclude is None:
         return mask
     exclude = torch.as_tensor(exclude)
+    if exclude.numel() == 0:  # also an empty list, which torch reads as float
+        return mask
     if exclude.dtype == torch.bool:
         if exclude.shape != (n,):
             raise ValueError(f"exclude as a bool mask must have shape ({n},), got {tuple(exclude.shape)}")
@@ -392,8 +394,8 @@ def _load_cifar10(root: Path | None, size: int | None) -> Dataset:
         except Exception as err:  # torchvision raises URLError, OSError, RuntimeError... all mean "no copy"
             searched = ", ".join(f"'{d}'" for d in dirs)
             raise FileNotFoundError(
-                f"the original CIFAR-10 ('{_CIFAR_FOLDER}/' with {', '.join(_CIFAR_TRAIN[:1])}..5, {_CIFAR_TEST}, "
-                f"{_CIFAR_META}) is not in {searched}, and downloading it into '{target}' through torchvision "
+                f"the original CIFAR-10 ('{_CIFAR_FOLDER}/' with data_batch_1..5, {_CIFAR_TEST}, {_CIFAR_META}) "
+                f"is not in {searched}, and downloading it into '{target}' through torchvision "
                 f"failed ({type(err).__name__}: {err}). To fix: run where there is internet access, so "
                 f"load('cifar10') downloads it; or put an existing '{_CIFAR_FOLDER}' folder in one of those "
                 f"directories (or pass its parent as root=, or set UNITLIB_DATA); or, offline, use "
