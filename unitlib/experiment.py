@@ -35,20 +35,26 @@ def build_model(exp: Experiment, dataset: data.Dataset) -> nn.Module:
 def backdoored_model(
     exp: Experiment, dataset: data.Dataset, poisoned_x: torch.Tensor, poisoned_y: torch.Tensor, *,
     device: torch.device, progress: bool = True,
-) -> tuple[nn.Module, bool]:
+) -> tuple[nn.Module, dict[str, str] | None]:
     """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached.
-    Returns the model and whether it came from the cache."""
+    Returns the model and, when it came from the cache, the metadata saved with it (else ``None``)."""
     path = results.model_path(exp)
     model = build_model(exp, dataset)
     if path.exists():
-        return results.load_model(model, path).to(device).eval(), True
+        return results.load_model(model, path).to(device).eval(), results.model_metadata(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = path.with_suffix(".partial.safetensors")
+    start = time.perf_counter()
     fit(model, poisoned_x, poisoned_y, exp.recipe(), device=device, seed=exp.seed, checkpoint=checkpoint,
         progress=progress)
-    results.save_model(model, path, metadata={"model_key": exp.model_key(), "config": json.dumps(exp.to_dict())})
+    # How the cached model was made travels with it, so records that reuse it can say so.
+    results.save_model(model, path, metadata={
+        "model_key": exp.model_key(), "config": json.dumps(exp.to_dict()),
+        "train_seconds": f"{time.perf_counter() - start:.1f}", "device_name": results.device_name(device),
+        "code_version": results.code_version(),
+    })
     checkpoint.unlink(missing_ok=True)
-    return model.eval(), False
+    return model.eval(), None
 
 
 def run(
@@ -73,7 +79,8 @@ def run(
     with _timer(seconds, "poison"):
         poisoned = attack.poison(data.to_float(dataset.x_train), dataset.y_train)
     with _timer(seconds, "train"):
-        model, cached = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress)
+        model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress)
+    cached = cached_meta is not None
     log(f"backdoored model {'loaded from cache' if cached else 'trained'} in {seconds['train']:.1f}s")
     with _timer(seconds, "eval_before"):
         before = evaluate(model, dataset.x_test, dataset.y_test, attack, device=dev)

@@ -147,5 +147,13 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def model_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata saved with a safetensors file (how and where the model was trained)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def model_path(experiment: Experiment) -> Path:
     return cache_dir() / "models" / f"{experiment.model_key()}.safetensors"
