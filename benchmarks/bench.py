@@ -10,6 +10,7 @@ the output says which numbers are measured and which extrapolated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -22,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unitlib import config, models  # noqa: E402
 from unitlib.defenses import UNIT, CleanSplit  # noqa: E402
-from unitlib.defenses.unit import BoundedModel, activation_sites  # noqa: E402
 from unitlib.train import Recipe, augment, autocast, resolve_device  # noqa: E402
 from unitlib.results import device_name  # noqa: E402
 
@@ -64,35 +64,25 @@ def time_train(exp: config.Experiment, n_train: int, max_steps: int, device: tor
 
 
 def time_unit(exp: config.Experiment, n_opt: int, n_val: int, max_steps: int, device: torch.device) -> dict:
-    """One UNIT step (full batch over the optimise split + validation) with frozen and with unfrozen weights;
-    a whole run is steps x per-step time (plus the initial statistics pass)."""
+    """UNIT with this library's fast schedule and with the official one, on the same model and data: a run of
+    ``max_steps`` steps gives the fixed cost (statistics pass, first validation) and the cost of one step, from
+    which a whole run is extrapolated when it has more steps."""
     model = models.build(exp.model, width=exp.width, activation=exp.activation).to(device).eval()
-    out = {}
-    for label, unit in [("fast", UNIT(**exp.defense_params) if exp.defense == "unit" else UNIT()),
-                        ("official", UNIT.official_schedule())]:
+    clean = CleanSplit(torch.rand(n_opt, 3, 32, 32), torch.randint(0, 10, (n_opt,)),
+                       torch.rand(n_val, 3, 32, 32), torch.randint(0, 10, (n_val,)))
+    out: dict = {}
+    for label, unit in [("fast", UNIT()), ("official", UNIT.official_schedule())]:
         n_steps = min(unit.steps, max_steps)
-        short = UNIT(**{**{f: getattr(unit, f) for f in config.defenses.parameters("unit")}, "steps": n_steps})
-        clean = CleanSplit(torch.rand(n_opt, 3, 32, 32), torch.randint(0, 10, (n_opt,)),
-                           torch.rand(n_val, 3, 32, 32), torch.randint(0, 10, (n_val,)))
-        _sync(device)
-        start = time.perf_counter()
-        short(model, clean, device=device, progress=False)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        # split the fixed cost (statistics, first validation) from the per-step cost with a 1-step run
-        one = UNIT(**{**{f: getattr(unit, f) for f in config.defenses.parameters("unit")}, "steps": 1})
-        start = time.perf_counter()
-        one(model, clean, device=device, progress=False)
-        _sync(device)
-        fixed_plus_one = time.perf_counter() - start
-        per_step = (elapsed - fixed_plus_one) / max(n_steps - 1, 1) if n_steps > 1 else fixed_plus_one
-        fixed = max(fixed_plus_one - per_step, 0.0)
+        probe = dataclasses.replace(unit, steps=n_steps)
+        probe(model, clean, device=device, progress=False)
+        r = probe.report
         out[label] = {
             "steps": unit.steps, "lr": unit.lr, "freeze_weights": unit.freeze_weights, "measured_steps": n_steps,
-            "step_s": per_step, "run_s": fixed + per_step * unit.steps, "extrapolated": n_steps < unit.steps,
+            "init_s": r["seconds_init"], "step_s": r["seconds_per_step"],
+            "run_s": r["seconds_init"] + r["seconds_per_step"] * unit.steps, "extrapolated": n_steps < unit.steps,
         }
-    out["speedup_official_over_fast"] = out["official"]["run_s"] / out["fast"]["run_s"]
-    out["per_step_speedup_frozen"] = out["official"]["step_s"] / out["fast"]["step_s"]
+    out["official_over_fast"] = out["official"]["run_s"] / out["fast"]["run_s"]
+    out["step_official_over_frozen"] = out["official"]["step_s"] / out["fast"]["step_s"]
     return out
 
 
@@ -104,14 +94,17 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", nargs="+", default=["cpu", "paper"], choices=list(config.PROFILES))
-    parser.add_argument("--max-steps", type=int, default=20, help="cap on timed steps (the rest is extrapolated)")
+    parser.add_argument("--max-steps", type=int, default=20, help="cap on timed training steps (rest extrapolated)")
+    parser.add_argument("--unit-steps", type=int, nargs="+", default=[30, 3],
+                        help="cap on timed UNIT steps, one per profile in order (rest extrapolated)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
     report = {"device": device_name(device), "torch": torch.__version__, "profiles": {}}
-    for name in args.profiles:
+    for i, name in enumerate(args.profiles):
+        unit_steps = args.unit_steps[min(i, len(args.unit_steps) - 1)]
         exp = config.profile(name)
         n_train = exp.train_size or 50_000
         n_clean = round(exp.clean_fraction * n_train)
@@ -119,7 +112,7 @@ def main() -> None:
         report["profiles"][name] = {
             "model": f"{exp.model} (width {exp.width or models.DEFAULT_WIDTH[exp.model]})",
             "train": time_train(exp, n_train, args.max_steps, device),
-            "unit": time_unit(exp, n_clean - n_val, n_val, args.max_steps, device),
+            "unit": time_unit(exp, n_clean - n_val, n_val, unit_steps, device),
         }
     text = json.dumps(report, indent=2)
     print(text)

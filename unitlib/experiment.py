@@ -69,6 +69,7 @@ def run(
 ) -> results.Record:
     """Run ``exp`` and (with ``save``) write its record. Prints each stage's metrics and time through ``log``."""
     dev = resolve_device(device)
+    origin = results.provenance(dev)  # taken first: the code version is the one that starts running
     seconds: dict[str, float] = {}
     torch.manual_seed(exp.seed)
     with _timer(seconds, "data"):
@@ -102,7 +103,7 @@ def run(
         config=exp.to_dict(),
         metrics={"before": before, "after": after},
         seconds=seconds,
-        provenance={**results.provenance(dev), "dataset": exp.dataset, "model_key": exp.model_key(),
+        provenance={**origin, "dataset": exp.dataset, "model_key": exp.model_key(),
                     "model_from_cache": cached,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
                     "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},

@@ -14,6 +14,7 @@ code's schedule is ``official_schedule()`` (300 full-batch Adam steps at lr 1e-3
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +203,7 @@ class UNIT(Defense):
         self, model: nn.Module, clean: CleanSplit, *, device: str | torch.device | None = None, progress: bool = True
     ) -> BoundedModel:
         dev = resolve_device(device)
+        started = time.perf_counter()
         x_opt, y_opt = _float(clean.x_opt).to(dev), clean.y_opt.to(dev)
         x_val, y_val = _float(clean.x_val).to(dev), clean.y_val.to(dev)
         if self.augment:
@@ -253,6 +255,7 @@ class UNIT(Defense):
         fallback_acc, fallback = acc0, [p.detach().clone() for p in params]
         if acc0 >= threshold:
             best_reg, best, best_step = reg_value(), [p.detach().clone() for p in params], 0
+        init_seconds = time.perf_counter() - started
         alpha = self.alpha
         up = down = reset = 0
         history = []
@@ -294,6 +297,7 @@ class UNIT(Defense):
             elif down >= self.patience:
                 down, alpha = 0, alpha / self.alpha_down
         bar.close()
+        loop_seconds = time.perf_counter() - started - init_seconds
 
         chosen = best if best is not None else fallback
         with torch.no_grad():
@@ -312,6 +316,8 @@ class UNIT(Defense):
             "sites": sites,
             "n_bounds": sum(p.numel() for p in params),
             "history": history,
+            "seconds_init": round(init_seconds, 3),
+            "seconds_per_step": round(loop_seconds / self.steps, 4),
         }
         return bounded.eval()
 
