@@ -107,7 +107,7 @@ def run(
                     "model_from_cache": cached,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
                     "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},
-        report=dict(defense.report),
+        report={"resolved": {"attack": attack.params(), "defense": defense.params()}, **defense.report},
     )
     if save:
         path = results.save(record, results_dir)

@@ -6,6 +6,7 @@ Diagnostics of the last run (steps taken, thresholds) are left in ``defense.repo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -34,6 +35,10 @@ class Defense:
         self, model: nn.Module, clean: CleanSplit, *, device: str | torch.device | None = None, progress: bool = True
     ) -> nn.Module:
         raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter's value, defaults included (what a record stores, so later default changes are visible)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
 REGISTRY: Registry = Registry("defense")
