@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["DATASETS", "Dataset", "balanced_subset", "defense_split", "load", "to_float"]
+__all__ = ["DATASETS", "Dataset", "balanced_subset", "cache_dir", "defense_split", "load", "to_float"]
 
 DATASETS = ("cifar10", "cifar10-jpeg", "synthetic")
 
@@ -266,7 +266,8 @@ def _tensors(name: str, arrays: _Arrays, size: int | None) -> Dataset:
     )
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where decoded data and trained models are cached: ``$UNITLIB_CACHE`` or ``~/.cache/unitlib``."""
     return Path(os.environ.get("UNITLIB_CACHE") or Path.home() / ".cache" / "unitlib").expanduser()
 
 
@@ -385,7 +386,7 @@ def _cifar10_arrays(folder: str, stamps: tuple[tuple[str, int, int], ...]) -> _A
 
 def _load_cifar10(root: Path | None, size: int | None) -> Dataset:
     # Without a root, a download goes to $UNITLIB_DATA, else the cache; searched too, so it is found next time.
-    target = root if root is not None else Path(os.environ.get("UNITLIB_DATA") or _cache_dir())
+    target = root if root is not None else Path(os.environ.get("UNITLIB_DATA") or cache_dir())
     dirs = [root] if root is not None else list(dict.fromkeys([*_default_dirs(), target]))
     folder = _find_cifar10(dirs)
     if folder is None:
@@ -647,7 +648,7 @@ def _jpeg_arrays(kind: str, path: str, stamp: object) -> _Arrays:
                             for p in files)
         digest = "dir-" + hashlib.sha256(listing.encode()).hexdigest()
     # Named by the content (archive) or listing (folder) hash, so a changed source never meets a stale cache.
-    cache = _cache_dir() / f"cifar10-jpeg-v{_CACHE_FORMAT}-{digest[:20]}.npz"
+    cache = cache_dir() / f"cifar10-jpeg-v{_CACHE_FORMAT}-{digest[:20]}.npz"
     if cache.is_file():
         arrays = _read_npz(cache)
         if arrays is not None:

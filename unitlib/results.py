@@ -20,15 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Experiment
+from .data import cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
 SCHEMA = 1
-
-
-def cache_dir() -> Path:
-    """Where decoded data and trained models are cached: ``$UNITLIB_CACHE`` or ``~/.cache/unitlib``."""
-    return Path(os.environ.get("UNITLIB_CACHE") or Path.home() / ".cache" / "unitlib")
 
 
 def code_version() -> str:
