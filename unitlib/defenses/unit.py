@@ -155,7 +155,10 @@ class UNIT(Defense):
     - ``val_every``: validate every this many steps (1 = every step, as the official code).
     - ``chunk``: images per forward pass; gradients accumulate so each step still sees the full batch.
     - ``freeze_weights``: skip weight gradients (the model is frozen; the official code computes them anyway).
-    - ``augment``: random crop + flip of the optimise split, once, before optimisation (official code).
+    - ``augment``: random crop + flip of the optimise split, once, before optimisation (the official code augments
+      the validation split as well; here validation sees the defender's images as they are).
+
+    Alpha's start (1e-3), patience (5) and factors (x2 up, /2^1.5 down) are the official code's.
     """
 
     name = "unit"
