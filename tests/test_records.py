@@ -29,7 +29,10 @@ def test_record_is_consistent(rec):
 
 # Blend at the `cpu` profile is a known shortfall: within a 2-3% accuracy budget UNIT leaves a high ASR on the
 # small CNN. Strict xfail: the day a record meets the bar, this test fails until the mark is removed.
-SHORTFALL = {("blend", "small-cnn"): "UNIT leaves Blend's ASR above 10% within budget on the cpu-profile small CNN"}
+SHORTFALL = {
+    ("blend", "small-cnn"): "UNIT leaves Blend's ASR above 10% within budget on the cpu-profile small CNN",
+    ("blend", "resnet18"): "UNIT leaves Blend's ASR above 10% on a width-16 ResNet-18 trained 6 epochs",
+}
 CPU_UNIT = [
     pytest.param(r, marks=[pytest.mark.xfail(strict=True, reason=SHORTFALL[r.config["attack"], r.config["model"]])]
                  if (r.config["attack"], r.config["model"]) in SHORTFALL else [], id=r.filename())
