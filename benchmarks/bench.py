@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unitlib import config, models  # noqa: E402
-from unitlib.defenses import UNIT, CleanSplit  # noqa: E402
-from unitlib.train import Recipe, augment, autocast, resolve_device  # noqa: E402
-from unitlib.results import device_name  # noqa: E402
+from unitlib import config, models
+from unitlib.defenses import UNIT, CleanSplit
+from unitlib.results import device_name
+from unitlib.train import Recipe, augment, autocast, resolve_device
 
 
 def time_train(exp: config.Experiment, n_train: int, max_steps: int, device: torch.device) -> dict:
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"{'profile':8} {'model':24} {'train img/s':>12} {'epoch s':>9} {'UNIT fast s':>12} {'UNIT official s':>16}")
     for name, r in report["profiles"].items():
         t, u = r["train"], r["unit"]
-        star = lambda d: "*" if d["extrapolated"] else " "  # noqa: E731
+        star = lambda d: "*" if d["extrapolated"] else " "
         print(f"{name:8} {r['model']:24} {t['images_per_s']:12.0f} {t['epoch_s']:8.0f}{star(t)} "
               f"{u['fast']['run_s']:11.0f}{star(u['fast'])} {u['official']['run_s']:15.0f}{star(u['official'])}")
     print("* extrapolated from --max-steps timed steps")

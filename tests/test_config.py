@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from unitlib.config import PROFILES, Experiment, profile
@@ -82,5 +84,5 @@ def test_frozen_and_isolated_from_caller_dicts():
     exp = profile("smoke", attack_params=params)
     params["patch_size"] = 5
     assert exp.attack_params == {"patch_size": 4}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         exp.seed = 3  # type: ignore[misc]

@@ -22,4 +22,4 @@ def test_ci_calls_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make book" in readme
-    assert re.search(r"^make test$", ci, re.M)
+    assert re.search(r"^make test$", ci, re.MULTILINE)

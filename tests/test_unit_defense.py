@@ -3,7 +3,7 @@ import torch
 
 from unitlib import models, results
 from unitlib.defenses import UNIT, BoundedModel, CleanSplit
-from unitlib.defenses.unit import activation_sites, select_layers
+from unitlib.defenses.unit import select_layers
 
 
 def _clean(n=120, nval=40, seed=0):

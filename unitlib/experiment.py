@@ -6,7 +6,6 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn

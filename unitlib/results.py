@@ -30,7 +30,7 @@ SCHEMA = 1
 def code_version() -> str:
     """The git commit of the library (``+dirty`` when ``unitlib/`` has uncommitted changes), or ``unknown``."""
     try:
-        run = lambda *a: subprocess.run(  # noqa: E731
+        run = lambda *a: subprocess.run(
             ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         rev = run("rev-parse", "HEAD")

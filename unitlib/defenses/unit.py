@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..metrics import accuracy
 from ..models.activations import ACTIVATION_TYPES
 from ..train import augment, autocast, resolve_device
 from .base import CleanSplit, Defense, register
@@ -239,16 +240,12 @@ class UNIT(Defense):
         opt = torch.optim.Adam(params, lr=self.lr, betas=(0.5, 0.9))
 
         def val_acc() -> float:
-            with torch.no_grad():
-                preds = torch.cat([bounded(x_val[i : i + self.chunk]).argmax(1) for i in range(0, len(x_val), self.chunk)])
-            return (preds == y_val).float().mean().item()
+            return accuracy(bounded, x_val, y_val, batch_size=self.chunk, device=dev)
 
         def reg_value() -> float:
             return sum(p.detach().clamp(min=0).mean().item() for p in params)
 
-        with torch.no_grad():
-            base = (torch.cat([model(x_val[i : i + self.chunk]).argmax(1)
-                               for i in range(0, len(x_val), self.chunk)]) == y_val).float().mean().item()
+        base = accuracy(model, x_val, y_val, batch_size=self.chunk, device=dev)
         threshold = base - self.degradation
 
         # Candidates are judged on the bounds that were validated (the official code keeps the bounds from before
