@@ -2,12 +2,13 @@
 
 UNIT and the seven baselines of the appendix (A.1): FT, FP, NAD, ANP, NC, I-BAU and SEAM."""
 
-from . import fp, ft, nad, unit  # noqa: F401  (registration)
+from . import fp, ft, nad, nc, unit  # noqa: F401  (registration)
 from .base import DEFENSES, REGISTRY, CleanSplit, Defense, NoDefense, get, parameters
 from .fp import FP
 from .ft import FT
 from .nad import NAD
+from .nc import NC
 from .unit import UNIT, BoundedModel
 
-__all__ = ["DEFENSES", "FP", "FT", "NAD", "REGISTRY", "UNIT", "BoundedModel", "CleanSplit", "Defense", "NoDefense", "get",
+__all__ = ["DEFENSES", "FP", "FT", "NAD", "NC", "REGISTRY", "UNIT", "BoundedModel", "CleanSplit", "Defense", "NoDefense", "get",
            "parameters"]

@@ -10,8 +10,9 @@ Defaults follow the official code: beta 5000 on the last group's output only (th
 reports 500/1000/1000 on three groups, which ``layers`` and ``beta`` can express only with one beta for all),
 20 epochs, batch 64, SGD (Nesterov momentum 0.9, weight decay 1e-4) at lr 0.1 for 2 epochs, then 0.01. The
 teacher is fine-tuned for 10 epochs with the same optimiser (``teacher_lr`` sets its own lr: a teacher fine-tuned
-at a high lr has forgotten more of the backdoor, and a student at a lower lr follows a beta-5000 loss stably). The UNIT authors' settings (a FT model as teacher,
-6 epochs, beta 5000 on layer4) are ``NAD(epochs=6)`` with this teacher. Augmentation: random crop and flip.
+at a high lr has forgotten more of the backdoor, and a student at a lower lr follows a beta-5000 loss stably).
+The UNIT authors' settings (a FT model as teacher, 6 epochs, beta 5000 on layer4) are ``NAD(epochs=6)`` with this
+teacher. Augmentation: random crop and flip.
 """
 
 from __future__ import annotations

@@ -1,0 +1,242 @@
+"""NC: Neural Cleanse. Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, "Neural Cleanse: Identifying and
+Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019.
+
+For every class, a trigger (a mask ``m`` over pixels and a pattern ``p``, stamped as ``(1 - m) x + m p`` in [0, 1]
+pixel space) is reverse-engineered on the defender's clean images: the smallest mask (L1 norm) that sends them to
+that class. A backdoor target needs a much smaller mask than the other classes: the masks' L1 norms are scored
+with the median absolute deviation (anomaly index = |norm - median| / (1.4826 MAD)), and classes whose norm lies
+below the median with an index above 2 are flagged. The model is then unlearned by fine-tuning on clean data where
+20% of the images carry a flagged class's reversed trigger and keep their true labels. If no class is flagged the
+model is returned unchanged and the report says so.
+
+Optimisation as the official code: mask and pattern through tanh, Adam (lr 0.1, betas 0.5/0.9), batch 32, the
+cost of the L1 term starting at 0, set to 1e-3 once the reversed trigger succeeds on 99% of a step's images for 5
+steps, then multiplied by 2 (or divided by 2^1.5) after 5 consecutive steps above (below) 99%; early stop once the
+best norm has not improved for 25 steps after the cost has moved both ways; the kept trigger is the one with the
+smallest norm among steps that reached 99%. A step is ``batches_per_step`` mini-batches (the official example: about
+1,000 images per step, 1,000 steps; ``steps`` bounds the budget). The paper unlearns for one epoch over 10% of the
+training set; the defender here holds less, so ``unlearn_epochs`` is a parameter (default 2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..metrics import accuracy
+from ..train import autocast, resolve_device
+from .base import CleanSplit, Defense, register
+from .common import (Augmentation, check_augmentation, check_momentum_decay, check_positive, check_positive_ints,
+                     check_range, clean_tensors, copy_model, finetune, num_classes)
+
+_EPS = 1e-7  # keeps tanh-space values finite at the [0, 1] ends (the official code's K.epsilon())
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """Neural Cleanse's trigger: ``(1 - mask) * x + mask * pattern`` (mask H x W, pattern C x H x W, all in [0, 1])."""
+    return (1 - mask) * x + mask * pattern
+
+
+def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
+    """|norm - median| / (1.4826 * MAD) of each class's mask L1 norm (MAD: median absolute deviation)."""
+    median = norms.median()
+    mad = 1.4826 * (norms - median).abs().median()
+    return (norms - median).abs() / mad.clamp(min=1e-12)
+
+
+@register
+@dataclass
+class NC(Defense):
+    """Neural Cleanse. Parameters:
+
+    - ``steps``, ``batches_per_step``, ``batch_size``, ``lr``: reverse engineering per class (``batches_per_step``
+      0: one pass over the optimise split per step).
+    - ``init_cost``, ``patience``, ``cost_multiplier``, ``attack_threshold``, ``early_stop_patience``: the cost
+      schedule and early stop.
+    - ``anomaly_threshold``: flag classes with an anomaly index above this (on the small side).
+    - ``unlearn_fraction``, ``unlearn_epochs``, ``unlearn_lr``, ``unlearn_batch_size``, ``momentum``,
+      ``weight_decay``, ``crop``, ``rotation``, ``flip``: the unlearning fine-tune.
+    """
+
+    name = "nc"
+    citation = "Wang et al., Neural Cleanse, IEEE S&P 2019"
+
+    steps: int = 1000
+    batches_per_step: int = 0
+    batch_size: int = 32
+    lr: float = 0.1
+    init_cost: float = 1e-3
+    patience: int = 5
+    cost_multiplier: float = 2.0
+    attack_threshold: float = 0.99
+    early_stop_patience: int = 25
+    anomaly_threshold: float = 2.0
+    unlearn_fraction: float = 0.2
+    unlearn_epochs: int = 2
+    unlearn_lr: float = 1e-2
+    unlearn_batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop: int = 4
+    rotation: float = 0.0
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, "steps", "batch_size", "patience", "early_stop_patience", "unlearn_batch_size")
+        check_positive_ints(self, "batches_per_step", "unlearn_epochs", minimum=0)
+        check_positive(self, "lr", "init_cost", "anomaly_threshold", "unlearn_lr")
+        check_range("cost_multiplier", self.cost_multiplier, 1, math.inf, low_open=True)
+        check_range("attack_threshold", self.attack_threshold, 0, 1, low_open=True)
+        check_range("unlearn_fraction", self.unlearn_fraction, 0, 1, low_open=True)
+        check_momentum_decay(self)
+        check_augmentation(self)
+
+    # -- reverse engineering ---------------------------------------------------------------------------------------
+    def reverse(self, model: nn.Module, x: torch.Tensor, target: int, gen: torch.Generator,
+                bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The smallest-norm trigger sending ``x`` to ``target``: (mask H x W, pattern C x H x W, log)."""
+        dev = x.device
+        _, c, h, w = x.shape
+        # random start, as the official example; tanh space so that mask and pattern stay in [0, 1]
+        mask0 = torch.rand(h, w, generator=gen)
+        pattern0 = torch.rand(c, h, w, generator=gen)
+        mask_t = torch.atanh((mask0 - 0.5) * (2 - _EPS)).to(dev).requires_grad_(True)
+        pattern_t = torch.atanh((pattern0 - 0.5) * (2 - _EPS)).to(dev).requires_grad_(True)
+        opt = torch.optim.Adam([mask_t, pattern_t], lr=self.lr, betas=(0.5, 0.9))
+        n = len(x)
+        per_step = self.batches_per_step or math.ceil(n / self.batch_size)
+        labels = torch.full((self.batch_size,), target, device=dev)
+
+        def current() -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.tanh(mask_t) / (2 - _EPS) + 0.5, torch.tanh(pattern_t) / (2 - _EPS) + 0.5
+
+        cost, up, down, set_count, up_flag, down_flag = 0.0, 0, 0, 0, False, False
+        best_norm, best = math.inf, None
+        stop_count, stop_best = 0, math.inf
+        perm, cursor = torch.randperm(n, generator=gen).to(dev), 0
+        steps_run = 0
+        for _ in range(self.steps):
+            steps_run += 1
+            hits = seen = 0
+            norm_sum = 0.0
+            for _ in range(per_step):
+                if cursor >= n:
+                    perm, cursor = torch.randperm(n, generator=gen).to(dev), 0
+                idx = perm[cursor : cursor + self.batch_size]
+                cursor += self.batch_size
+                mask, pattern = current()
+                with autocast(dev):
+                    logits = model(stamp(x[idx], mask, pattern)).float()
+                ce = F.cross_entropy(logits, labels[: len(idx)])
+                norm = mask.sum()
+                loss = ce + cost * norm
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                hits += (logits.argmax(1) == target).sum().item()
+                seen += len(idx)
+                norm_sum += norm.item() * len(idx)
+            bar.update()
+            acc, norm_avg = hits / seen, norm_sum / seen
+            if acc >= self.attack_threshold and norm_avg < best_norm:
+                best_norm = norm_avg
+                m, p = current()
+                best = (m.detach().clone(), p.detach().clone())
+            bar.set_postfix(target=target, acc=f"{acc:.2f}", norm=f"{norm_avg:.1f}", cost=f"{cost:.1e}")
+
+            if best_norm < math.inf:
+                stop_count = stop_count + 1 if best_norm >= stop_best else 0
+            stop_best = min(stop_best, best_norm)
+            if up_flag and down_flag and stop_count >= self.early_stop_patience:
+                break
+
+            if cost == 0 and acc >= self.attack_threshold:
+                set_count += 1
+                if set_count >= self.patience:
+                    cost, up, down, up_flag, down_flag = self.init_cost, 0, 0, False, False
+            else:
+                set_count = 0
+            if acc >= self.attack_threshold:
+                up, down = up + 1, 0
+            else:
+                up, down = 0, down + 1
+            if up >= self.patience:
+                up, up_flag = 0, True
+                cost *= self.cost_multiplier
+            elif down >= self.patience:
+                down, down_flag = 0, True
+                cost /= self.cost_multiplier**1.5
+        found = best is not None
+        if best is None:
+            m, p = current()
+            best = (m.detach().clone(), p.detach().clone())
+        return best[0], best[1], {"target": target, "norm": float(best[0].sum()), "reached_threshold": found,
+                                  "steps": steps_run}
+
+    # -- the defense -----------------------------------------------------------------------------------------------
+    def __call__(
+        self, model: nn.Module, clean: CleanSplit, *, device: str | torch.device | None = None, progress: bool = True
+    ) -> nn.Module:
+        dev = resolve_device(device)
+        started = time.perf_counter()
+        x, y, x_val, y_val = clean_tensors(clean, dev)
+        frozen = copy_model(model, dev).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        k = num_classes(frozen, x)
+        gen = torch.Generator().manual_seed(self.seed)
+        triggers, logs = [], []
+        bar = tqdm(total=k * self.steps, desc="nc reverse", unit="step", disable=not progress)
+        for target in range(k):
+            mask, pattern, log = self.reverse(frozen, x, target, gen, bar)
+            triggers.append((mask, pattern))
+            logs.append(log)
+        bar.close()
+        norms = torch.tensor([log["norm"] for log in logs])
+        index = anomaly_index(norms)
+        median = norms.median()
+        flagged = [t for t in range(k) if norms[t] < median and index[t] > self.anomaly_threshold]
+        reverse_seconds = time.perf_counter() - started
+
+        base = accuracy(frozen, x_val, y_val, batch_size=500, device=dev)
+        self.report = {
+            "base_val_acc": base,
+            "norms": [round(float(v), 3) for v in norms],
+            "anomaly_index": [round(float(v), 3) for v in index],
+            "flagged": flagged,
+            "reverse": logs,
+            "seconds_reverse": round(reverse_seconds, 3),
+        }
+        if not flagged:
+            self.report.update(unlearned=False, note="no class flagged: the model is returned unchanged",
+                               final_val_acc=base, history=[], seconds=round(time.perf_counter() - started, 3))
+            return copy_model(model, dev).eval()
+
+        masks = torch.stack([triggers[t][0] for t in flagged])
+        patterns = torch.stack([triggers[t][1] for t in flagged])
+
+        def with_trigger(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            n = len(xb)
+            chosen = torch.randperm(n, generator=g)[: int(round(self.unlearn_fraction * n))].to(xb.device)
+            which = torch.randint(len(flagged), (len(chosen),), generator=g).to(xb.device)
+            xb = xb.clone()
+            xb[chosen] = stamp(xb[chosen], masks[which][:, None], patterns[which])
+            return xb, yb  # true labels: the model unlearns the trigger
+
+        defended = copy_model(model, dev)
+        history = finetune(
+            defended, x, y, epochs=self.unlearn_epochs, lr=self.unlearn_lr, batch_size=self.unlearn_batch_size,
+            x_val=x_val, y_val=y_val, augmentation=Augmentation(self.crop, self.rotation, self.flip),
+            momentum=self.momentum, weight_decay=self.weight_decay, transform=with_trigger, seed=self.seed,
+            desc="nc unlearn", progress=progress,
+        ) if self.unlearn_epochs else []
+        self.report.update(unlearned=True, final_val_acc=history[-1]["val_acc"] if history else base,
+                           history=history, seconds=round(time.perf_counter() - started, 3))
+        return defended.eval()
