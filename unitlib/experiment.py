@@ -77,7 +77,10 @@ def run(
     if exp.target >= dataset.num_classes:
         raise ValueError(f"target {exp.target} is not a class of {exp.dataset} (0..{dataset.num_classes - 1})")
     with _timer(seconds, "poison"):
-        poisoned = attack.poison(data.to_float(dataset.x_train), dataset.y_train)
+        x_train = data.to_float(dataset.x_train)
+        # Trojan, CL and NARCISSUS learn their trigger from a clean or surrogate model first (cached); others no-op.
+        attack.prepare(x_train, dataset.y_train, device=dev, progress=progress)
+        poisoned = attack.poison(x_train, dataset.y_train)
     with _timer(seconds, "train"):
         model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress)
     cached = cached_meta is not None

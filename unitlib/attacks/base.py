@@ -11,11 +11,24 @@ import torch
 
 
 class Poisoned(NamedTuple):
-    """A poisoned training set: images, labels, and the indices whose image or label the attack changed."""
+    """A poisoned training set: images, labels, and the indices whose image or label the attack changed.
+
+    ``index`` holds every sample the attacker touched, so that no defender's "clean" split ever contains one.
+    ``cover`` is the part of ``index`` that carries a trigger variant but keeps its true label on purpose (WaNet's
+    noise-mode samples, Adap-Blend's regularisation samples); the payload is ``index`` without ``cover``. Attacks
+    without such samples leave it empty."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
+    cover: torch.Tensor = torch.empty(0, dtype=torch.long)
+
+    @property
+    def payload(self) -> torch.Tensor:
+        """The poisoned samples meant to carry the backdoor: ``index`` without ``cover``."""
+        if not len(self.cover):
+            return self.index
+        return self.index[~torch.isin(self.index, self.cover)]
 
 
 @dataclass
@@ -26,6 +39,9 @@ class Attack:
     name: ClassVar[str] = ""
     clean_label: ClassVar[bool] = False
     citation: ClassVar[str] = ""
+    # Attacks that learn their trigger from a clean or surrogate model (Trojan, CL, NARCISSUS) set this and
+    # implement :meth:`prepare`; their ``apply``/``poison`` refuse to run before it.
+    needs_prepare: ClassVar[bool] = False
 
     target: int = 0
     poison_rate: float = 0.1
@@ -36,6 +52,27 @@ class Attack:
             raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate!r}")
         if self.target < 0:
             raise ValueError(f"target must be a class index >= 0, got {self.target!r}")
+
+    # -- preparation ---------------------------------------------------------------------------------------------
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, *, device: str | torch.device | None = None, progress: bool = False
+    ) -> None:
+        """Learn what the trigger needs from the attacker's view of the clean training set ``x`` (float in [0, 1])
+        and ``y``: a clean or surrogate model, an optimised trigger, adversarial perturbations. Called by the
+        experiment just before :meth:`poison`. A no-op for attacks whose trigger is fixed in advance."""
+        del x, y, device, progress
+
+    @property
+    def prepared(self) -> bool:
+        """Whether :meth:`apply` and :meth:`poison` can run (always, unless the attack ``needs_prepare``)."""
+        return not self.needs_prepare or getattr(self, "_state", None) is not None
+
+    def require_prepared(self) -> None:
+        if not self.prepared:
+            raise RuntimeError(
+                f"attack {self.name!r} learns its trigger from a model: call .prepare(x_train, y_train) before "
+                f".apply() or .poison()"
+            )
 
     # -- the trigger ---------------------------------------------------------------------------------------------
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +103,7 @@ class Attack:
 
     def poison(self, x: torch.Tensor, y: torch.Tensor) -> Poisoned:
         """Poison a training set: the selected images get the trigger and (dirty-label) the target label."""
+        self.require_prepared()
         index = self.select(y)
         x, y = x.clone(), y.clone()
         if len(index):
