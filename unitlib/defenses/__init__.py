@@ -2,7 +2,8 @@
 
 UNIT and the seven baselines of the appendix (A.1): FT, FP, NAD, ANP, NC, I-BAU and SEAM."""
 
-from . import fp, ft, nad, nc, unit  # noqa: F401  (registration)
+from . import anp, fp, ft, nad, nc, unit  # noqa: F401  (registration)
+from .anp import ANP
 from .base import DEFENSES, REGISTRY, CleanSplit, Defense, NoDefense, get, parameters
 from .fp import FP
 from .ft import FT
@@ -10,5 +11,5 @@ from .nad import NAD
 from .nc import NC
 from .unit import UNIT, BoundedModel
 
-__all__ = ["DEFENSES", "FP", "FT", "NAD", "NC", "REGISTRY", "UNIT", "BoundedModel", "CleanSplit", "Defense", "NoDefense", "get",
+__all__ = ["ANP", "DEFENSES", "FP", "FT", "NAD", "NC", "REGISTRY", "UNIT", "BoundedModel", "CleanSplit", "Defense", "NoDefense", "get",
            "parameters"]
