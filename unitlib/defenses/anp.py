@@ -27,8 +27,16 @@ from tqdm.auto import tqdm
 from ..metrics import accuracy
 from ..train import autocast, resolve_device
 from .base import CleanSplit, Defense, register
-from .common import (Augmentation, batchnorm_layers, check_augmentation, check_positive, check_positive_ints,
-                     check_range, clean_tensors, copy_model)
+from .common import (
+    Augmentation,
+    batchnorm_layers,
+    check_augmentation,
+    check_positive,
+    check_positive_ints,
+    check_range,
+    clean_tensors,
+    copy_model,
+)
 
 
 class NeuronPerturbation:

@@ -24,9 +24,21 @@ from torch import nn
 from ..metrics import accuracy
 from ..train import resolve_device
 from .base import CleanSplit, Defense, register
-from .common import (Augmentation, ChannelMask, check_augmentation, check_momentum_decay, check_positive,
-                     check_positive_ints, check_range, clean_tensors, copy_model, feature_sites, finetune,
-                     insert_after, step_lr)
+from .common import (
+    Augmentation,
+    ChannelMask,
+    check_augmentation,
+    check_momentum_decay,
+    check_positive,
+    check_positive_ints,
+    check_range,
+    clean_tensors,
+    copy_model,
+    feature_sites,
+    finetune,
+    insert_after,
+    step_lr,
+)
 
 
 @torch.no_grad()
@@ -91,7 +103,7 @@ class FP(Defense):
 
         site = feature_sites(model, x)[-1]
         activation = mean_channel_activation(model, site, x)
-        n_prune = int(round(self.ratio * len(activation)))
+        n_prune = round(self.ratio * len(activation))
         order = torch.argsort(activation)  # dormant first
         mask = torch.ones_like(activation)
         mask[order[:n_prune]] = 0

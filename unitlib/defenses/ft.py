@@ -15,8 +15,18 @@ from torch import nn
 from ..metrics import accuracy
 from ..train import resolve_device
 from .base import CleanSplit, Defense, register
-from .common import (Augmentation, check_augmentation, check_momentum_decay, check_positive, check_positive_ints,
-                     check_range, clean_tensors, copy_model, finetune, step_lr)
+from .common import (
+    Augmentation,
+    check_augmentation,
+    check_momentum_decay,
+    check_positive,
+    check_positive_ints,
+    check_range,
+    clean_tensors,
+    copy_model,
+    finetune,
+    step_lr,
+)
 
 
 @register

@@ -27,8 +27,19 @@ from torch import nn
 from ..metrics import accuracy
 from ..train import resolve_device
 from .base import CleanSplit, Defense, register
-from .common import (Augmentation, check_augmentation, check_momentum_decay, check_positive, check_positive_ints,
-                     check_range, choose_sites, clean_tensors, copy_model, feature_sites, finetune)
+from .common import (
+    Augmentation,
+    check_augmentation,
+    check_momentum_decay,
+    check_positive,
+    check_positive_ints,
+    check_range,
+    choose_sites,
+    clean_tensors,
+    copy_model,
+    feature_sites,
+    finetune,
+)
 
 
 def attention_map(a: torch.Tensor, p: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
@@ -96,9 +107,9 @@ class NAD(Defense):
         student = copy_model(model, dev)
         base = accuracy(student, x_val, y_val, batch_size=500, device=dev)
         sites = choose_sites(feature_sites(student, x), self.layers)
-        common = dict(batch_size=self.batch_size, x_val=x_val, y_val=y_val,
-                      augmentation=Augmentation(self.crop, self.rotation, self.flip), momentum=self.momentum,
-                      weight_decay=self.weight_decay, nesterov=True, seed=self.seed, progress=progress)
+        common = {"batch_size": self.batch_size, "x_val": x_val, "y_val": y_val,
+                  "augmentation": Augmentation(self.crop, self.rotation, self.flip), "momentum": self.momentum,
+                  "weight_decay": self.weight_decay, "nesterov": True, "seed": self.seed, "progress": progress}
 
         teacher = copy_model(model, dev)
         teacher_history = []

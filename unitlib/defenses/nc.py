@@ -32,8 +32,18 @@ from tqdm.auto import tqdm
 from ..metrics import accuracy
 from ..train import autocast, resolve_device
 from .base import CleanSplit, Defense, register
-from .common import (Augmentation, check_augmentation, check_momentum_decay, check_positive, check_positive_ints,
-                     check_range, clean_tensors, copy_model, finetune, num_classes)
+from .common import (
+    Augmentation,
+    check_augmentation,
+    check_momentum_decay,
+    check_positive,
+    check_positive_ints,
+    check_range,
+    clean_tensors,
+    copy_model,
+    finetune,
+    num_classes,
+)
 
 _EPS = 1e-7  # keeps tanh-space values finite at the [0, 1] ends (the official code's K.epsilon())
 
@@ -224,7 +234,7 @@ class NC(Defense):
 
         def with_trigger(xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             n = len(xb)
-            chosen = torch.randperm(n, generator=g)[: int(round(self.unlearn_fraction * n))].to(xb.device)
+            chosen = torch.randperm(n, generator=g)[: round(self.unlearn_fraction * n)].to(xb.device)
             which = torch.randint(len(flagged), (len(chosen),), generator=g).to(xb.device)
             xb = xb.clone()
             xb[chosen] = stamp(xb[chosen], masks[which][:, None], patterns[which])
