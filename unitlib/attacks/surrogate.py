@@ -64,7 +64,9 @@ def surrogate_model(
     larger). Cached by (budget, seed, data fingerprint); returned in eval mode on ``device``."""
     dev = resolve_device(device)
     num_classes = int(y.max()) + 1
-    model = models.build("small-cnn", num_classes=num_classes, in_channels=x.shape[1], width=width)
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone, not on earlier draws
+        torch.manual_seed(seed)
+        model = models.build("small-cnn", num_classes=num_classes, in_channels=x.shape[1], width=width)
     key = {"epochs": epochs, "width": width, "size": size, "seed": seed, "data": fingerprint(x, y)}
     path = cache_path("surrogate", key)
     cached = load_cached(path)
