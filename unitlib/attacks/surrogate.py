@@ -21,7 +21,7 @@ from .. import data, models
 from ..train import Recipe, fit, resolve_device
 from .base import Attack
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the surrogate's initial weights are seeded
 
 
 def fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
