@@ -1,0 +1,195 @@
+"""Build the book: execute every page with papermill into ``build/``, then render it with Jupyter Book (warnings are
+errors), offline.
+
+    python -m unitlib.book build                         # what `make book` runs
+    python -m unitlib.book section a1_attacks -p profile smoke -p compute_missing true
+    python -m unitlib.book assets                        # the offline JavaScript (widgets, require.js, MathJax)
+
+Executed notebooks go to ``build/notebooks`` and ``build/book`` (the table of contents points there, so the
+parameters a page ran with are the ones it shows); the HTML to ``_build/html``. The JavaScript the pages need is
+fetched from npm at build time into ``build/static/vendor`` and served from there: no page loads anything from a CDN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+HTML = ROOT / "_build" / "html"
+VENDOR = BUILD / "static" / "vendor"
+
+# The book pages that compute something (executed like the notebooks), and the appendix sections, in book order.
+PAGES = ["intro", "method", "reproduce"]
+SECTIONS = ["a1_attacks", "a1_baselines", "a2_latest_defenses", "a3_sensitivity", "a4_adaptive", "a5_ablations"]
+
+# npm packages served with the pages (exact versions), and which of their files go where under build/static/vendor:
+# (path in the package, or a folder of it, destination, file endings kept).
+FONTS = (".woff2", ".woff", ".ttf", ".eot", ".svg")
+NPM: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
+    "requirejs@2.3.8": [("require.js", "require.js", ())],
+    "@jupyter-widgets/html-manager@1.0.15": [
+        ("dist/embed-amd.js", "embed-amd.js", ()),
+        # the widgets' icon fonts, fetched from window.__jupyter_widgets_assets_path__ + this path
+        ("dist", "@jupyter-widgets/html-manager/dist", FONTS),
+    ],
+    "mathjax@3.2.2": [("es5/tex-chtml.js", "mathjax/tex-chtml.js", ()),
+                      ("es5/output/chtml/fonts", "mathjax/output/chtml/fonts", ())],
+}
+# Loaded between require.js and the widget manager: require.js resolves the manager's modules, and so its icon
+# fonts, against its baseUrl (by default the page's own folder); point it at this script's folder instead.
+WIDGETS_CONFIG_JS = (
+    "(function () {\n"
+    "  var here = new URL('.', document.currentScript.src).href;\n"
+    "  window.__jupyter_widgets_assets_path__ = here + '@jupyter-widgets/html-manager/dist/';\n"
+    "  window.require.config({baseUrl: here});\n"
+    "})();\n"
+)
+DEFAULT_TIMEOUT = 900  # seconds per cell: generous for the smoke profile on two busy cores, finite so nothing hangs
+
+
+def source(name: str) -> Path:
+    """The jupytext MyST source of a page or section."""
+    return ROOT / ("book" if name in PAGES else "notebooks") / f"{name}.md"
+
+
+def output(name: str, build: Path = BUILD) -> Path:
+    """Where the executed notebook of a page or section goes (the table of contents points there)."""
+    return build / ("book" if name in PAGES else "notebooks") / f"{name}.ipynb"
+
+
+def execute(name: str, parameters: dict[str, Any] | None = None, *, out: Path | None = None,
+            timeout: int = DEFAULT_TIMEOUT) -> Path:
+    """Execute one page or section with papermill (``parameters`` override its ``parameters`` cell)."""
+    import jupytext
+    import papermill
+
+    src = source(name)
+    if not src.exists():
+        raise ValueError(f"unknown page or section {name!r}; valid: {', '.join(PAGES + SECTIONS)}")
+    out = out or output(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        jupytext.read(src), str(out), parameters=parameters or {}, kernel_name="python3",
+        execution_timeout=timeout, cwd=str(src.parent), progress_bar=False, report_mode=False,
+    )
+    return out
+
+
+def assets(vendor: Path = VENDOR) -> Path:
+    """Fetch the pages' JavaScript from npm (``npm pack``: the packages' own tarballs, integrity-checked by npm) and
+    keep only the files served. Skipped when already there for these versions."""
+    stamp = vendor / ".versions.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == sorted(NPM) + [WIDGETS_CONFIG_JS]:
+        return vendor
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is needed to fetch the book's JavaScript (Debian: apt-get install npm)")
+    shutil.rmtree(vendor, ignore_errors=True)
+    vendor.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([npm, "pack", "--silent", "--json", "--pack-destination", tmp, *NPM],
+                             check=True, capture_output=True, text=True).stdout
+        tarballs = [Path(tmp) / entry["filename"].replace("@", "").replace("/", "-") for entry in json.loads(out)]
+        for spec, tarball in zip(NPM, tarballs, strict=True):
+            if not tarball.exists():
+                tarball = next(Path(tmp).glob(f"*{spec.rsplit('@', 1)[0].split('/')[-1]}-*.tgz"))
+            with tarfile.open(tarball) as tar:
+                for member in tar.getmembers():
+                    rel = member.name.removeprefix("package/")
+                    for src, dst, endings in NPM[spec]:
+                        inside = rel == src or rel.startswith(src + "/")
+                        if inside and member.isfile() and (not endings or rel.endswith(endings)):
+                            target = vendor / (dst + rel[len(src):])
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            with tar.extractfile(member) as f:  # type: ignore[union-attr]
+                                target.write_bytes(f.read())
+    (vendor / "widgets-config.js").write_text(WIDGETS_CONFIG_JS)
+    stamp.write_text(json.dumps(sorted(NPM) + [WIDGETS_CONFIG_JS]))
+    return vendor
+
+
+def html(*, strict: bool = True) -> Path:
+    """Render the executed notebooks and pages with Jupyter Book (``-W``: any warning fails the build)."""
+    assets()
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "--builder", "html"]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return HTML
+
+
+def build(parameters: dict[str, Any] | None = None, *, timeout: int = DEFAULT_TIMEOUT, log=print) -> dict[str, float]:
+    """Execute every page and section (``parameters`` go to the sections), then render the book. Returns the
+    seconds of each step."""
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    assets()
+    seconds["assets"] = time.perf_counter() - start
+    for name in PAGES + SECTIONS:
+        t = time.perf_counter()
+        execute(name, parameters if name in SECTIONS else None, timeout=timeout)
+        seconds[name] = time.perf_counter() - t
+        log(f"executed {name} in {seconds[name]:.1f}s")
+    t = time.perf_counter()
+    html()
+    seconds["html"] = time.perf_counter() - t
+    log(f"rendered the book in {seconds['html']:.1f}s: {HTML / 'index.html'}")
+    return seconds
+
+
+def _value(text: str) -> Any:
+    """A ``-p`` value: a Python or JSON literal when it parses (numbers, lists, None/null, true/false), else text."""
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unitlib.book", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="execute every page and section, then render the book")
+    s = sub.add_parser("section", help="re-execute one section with new parameters, then re-render the book")
+    s.add_argument("name", choices=SECTIONS + PAGES)
+    for p in (b, s):
+        p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="a parameter of the section(s), e.g. -p profile smoke -p attacks \"['badnets']\"")
+        p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds per cell")
+    s.add_argument("--no-html", action="store_true", help="only execute the notebook")
+    sub.add_parser("assets", help="fetch the offline JavaScript into build/static/vendor")
+    sub.add_parser("html", help="render the already executed notebooks")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if args.command == "assets":
+        print(assets())
+    elif args.command == "html":
+        print(html() / "index.html")
+    else:
+        params = {k: _value(v) for k, v in args.parameter}
+        if args.command == "build":
+            build(params, timeout=args.timeout)
+        else:
+            out = execute(args.name, params, timeout=args.timeout)
+            print(f"executed notebook: {out}")
+            if not args.no_html:
+                print(html() / "index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""What the book's notebooks show: our result records beside the appendix's reported numbers.
+
+A notebook's ``parameters`` cell maps onto one :class:`Section` (validated; unknown names are refused with the list of
+valid ones). A table or figure of the appendix is a list of :class:`Cell` s (``appendix.py`` builds them): one
+experiment each, with the paper's number for it where the paper reports one. :meth:`Section.compare` looks every cell
+up in the result records (the committed ``results/`` and the section's own ``results_dir``), runs the missing ones
+when asked to (``compute_missing``; by default only at the ``smoke`` profile, whose runs take seconds), and returns a
+table with ours, the paper's, the setting each was measured at, and a status that says plainly what is not reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import attacks, defenses, paper
+from . import results as store
+from .config import PROFILES, Experiment, profile
+
+__all__ = ["Cell", "Outcome", "Section", "REPRODUCED", "NOT_RUN", "NOT_IMPLEMENTED"]
+
+REPRODUCED = "reproduced"
+NOT_RUN = "not yet reproduced: not run at this profile"
+NOT_IMPLEMENTED = "not yet reproduced: not implemented"
+BUILD_RESULTS = store.REPO_ROOT / "build" / "results"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison: an experiment of ours and, where the appendix has it, the number it reported.
+
+    ``labels``: the row's description (e.g. ``{"attack": "BadNets", "clean data": "5%"}``). ``attack``/``defense``:
+    the appendix's names (``"No Defense"``: the undefended model of the same experiment). ``changes``: further
+    ``Experiment`` keys; ``defense_params``: the defense's own parameters. ``paper``: where the reported numbers are
+    (``table`` and the table's setting columns), or None. ``missing``: why no experiment of ours can express this
+    cell yet (a component this library does not have)."""
+
+    labels: dict[str, Any]
+    attack: str
+    defense: str
+    changes: dict[str, Any] = field(default_factory=dict)
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] | None = None
+    missing: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What we have for a cell: its status, the record (if any) and the metrics of the cell's model."""
+
+    status: str
+    record: store.Record | None = None
+    metrics: dict[str, float] | None = None  # clean_acc, asr (fractions) of the defended (or undefended) model
+    reason: str = ""
+    experiment: Experiment | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    """The parameters of one appendix section's notebook.
+
+    - ``profile``: ``smoke`` (synthetic data, computed live), ``cpu`` or ``paper`` (shown from the result records).
+    - ``attacks``/``defenses``: registry names to show (None: the section's own list, the first one only at smoke).
+    - ``seeds``: seeds per experiment (ours is the mean over the seeds that have records).
+    - ``budgets``: UNIT accuracy budgets (``degradation``, fractions); the first is used wherever one budget is.
+    - ``compute_missing``: run experiments that have no record (None: only at ``smoke``). At ``cpu`` one
+      backdoored model takes minutes on two cores; at ``paper`` it needs a GPU.
+    - ``max_sweep``: values per swept setting (None: all at cpu/paper, 2 at smoke).
+    - ``results_dir``: where new records go and are also read from (None: build/results/<profile>).
+    - ``device``, ``data_root``: where to run and where the data sets are.
+    """
+
+    name: str = "section"
+    profile: str = "cpu"
+    attacks: tuple[str, ...] | None = None
+    defenses: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0,)
+    budgets: tuple[float, ...] = (0.02,)
+    compute_missing: bool | None = None
+    max_sweep: int | None = None
+    results_dir: str | None = None
+    device: str = "auto"
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; valid choices: {', '.join(PROFILES)}")
+        for key, registry in (("attacks", attacks.ATTACKS), ("defenses", defenses.DEFENSES)):
+            names = getattr(self, key)
+            if names is not None:
+                names = (names,) if isinstance(names, str) else tuple(names)
+                unknown = [n for n in names if n not in registry]
+                if unknown:
+                    raise ValueError(f"unknown {key} {', '.join(unknown)}; valid choices: {', '.join(sorted(registry))}")
+                object.__setattr__(self, key, names)
+        object.__setattr__(self, "seeds", tuple(int(s) for s in _as_tuple(self.seeds)))
+        object.__setattr__(self, "budgets", tuple(float(b) for b in _as_tuple(self.budgets)))
+        if not self.seeds or not self.budgets:
+            raise ValueError("seeds and budgets need at least one value each")
+        if any(not 0 <= b < 1 for b in self.budgets):
+            raise ValueError(f"budgets are fractions in [0, 1), got {self.budgets}")
+        if self.max_sweep is not None and self.max_sweep < 1:
+            raise ValueError(f"max_sweep must be >= 1 or None, got {self.max_sweep!r}")
+
+    @classmethod
+    def from_parameters(cls, name: str, **params: Any) -> Section:
+        """The section from a notebook's parameters; unknown names are refused with the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid parameters: {', '.join(valid)}")
+        return cls(name=name, **params)
+
+    # -- what to show ------------------------------------------------------------------------------------------------
+    @property
+    def compute(self) -> bool:
+        return self.profile == "smoke" if self.compute_missing is None else bool(self.compute_missing)
+
+    @property
+    def budget(self) -> float:
+        return self.budgets[0]
+
+    def sweep(self, values: list[Any] | tuple[Any, ...]) -> list[Any]:
+        """The values of a swept setting to show: all, or the first ``max_sweep`` (2 at smoke)."""
+        limit = self.max_sweep if self.max_sweep is not None else (2 if self.profile == "smoke" else None)
+        return list(values)[:limit] if limit else list(values)
+
+    def pick_attacks(self, paper_attacks: list[str]) -> list[str]:
+        """The appendix attacks (paper names) to show: those whose registry name was asked for, else all of them
+        (only the first implemented one at smoke)."""
+        if self.attacks is not None:
+            chosen = [p for p in paper_attacks if paper.registry_name(p) in self.attacks]
+            extra = [paper.paper_name(a) for a in self.attacks if paper.paper_name(a) not in paper_attacks]
+            return chosen + extra
+        if self.profile == "smoke":
+            implemented = [p for p in paper_attacks if paper.registry_name(p)]
+            return implemented[:1] or paper_attacks[:1]
+        return list(paper_attacks)
+
+    def pick_defenses(self, paper_defenses: list[str]) -> list[str]:
+        """The appendix defenses (paper names) to show, as :meth:`pick_attacks` (no defense and UNIT always)."""
+        always = [d for d in paper_defenses if d in ("No Defense", "UNIT")]
+        if self.defenses is not None:
+            chosen = [d for d in paper_defenses if paper.defense_name(d) in self.defenses]
+            return [d for d in paper_defenses if d in chosen or d in always]
+        return list(paper_defenses)
+
+    def setting(self) -> str:
+        """The profile's setting in words, for labelling our numbers."""
+        exp = profile(self.profile)
+        return _setting(exp.to_dict())
+
+    # -- experiments ---------------------------------------------------------------------------------------------------
+    def experiment(self, cell: Cell, seed: int = 0) -> Experiment | None:
+        """The experiment of ``cell`` at this section's profile, or None where a component is not implemented."""
+        attack = paper.registry_name(cell.attack) if cell.attack in paper.ATTACKS else (
+            cell.attack if cell.attack in attacks.ATTACKS else None)
+        if attack is None:
+            return None
+        base = profile(self.profile)
+        if cell.defense == "No Defense":
+            defense, params = "none", {}
+        else:
+            defense = paper.defense_name(cell.defense) if cell.defense in paper.DEFENSES else (
+                cell.defense if cell.defense in defenses.DEFENSES else None)
+            if defense is None:
+                return None
+            params = dict(base.defense_params) if defense == base.defense else {}
+            if defense == "unit":
+                params["degradation"] = self.budget
+            params.update(cell.defense_params)
+            defaults = defenses.parameters(defense)
+            unknown = sorted(set(params) - set(defaults))
+            if unknown:
+                return None
+            # Parameters at their defaults are left out, so the experiment is the same one (same hash) as a run
+            # that never named them.
+            params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
+        return base.replace(attack=attack, defense=defense, defense_params=params, seed=seed, **cell.changes)
+
+    def record_dirs(self) -> list[Path]:
+        dirs = [store.RESULTS_DIR, self.output_dir()]
+        return [d for i, d in enumerate(dirs) if d.exists() and d not in dirs[:i]]
+
+    def output_dir(self) -> Path:
+        return Path(self.results_dir) if self.results_dir else BUILD_RESULTS / self.profile
+
+    def outcome(self, cell: Cell, seed: int = 0, *, index: RecordIndex | None = None, log=print) -> Outcome:
+        """Our result for ``cell`` (one seed): from a record, or computed when allowed, or why there is none."""
+        if cell.missing:
+            return Outcome(NOT_IMPLEMENTED, reason=cell.missing)
+        exp = self.experiment(cell, seed)
+        if exp is None:
+            return Outcome(NOT_IMPLEMENTED, reason=_why_missing(cell))
+        index = index or RecordIndex(self.record_dirs())
+        record, which = index.lookup(exp, undefended=cell.defense == "No Defense")
+        if record is None and self.compute:
+            from .experiment import run
+
+            log(f"computing {exp.attack} -> {exp.defense} at profile {exp.profile} (seed {exp.seed})")
+            record = run(exp, device=self.device, results_dir=self.output_dir(), data_root=self.data_root,
+                         progress=False, log=lambda *a: None)
+            index.add(record)
+            which = "before" if cell.defense == "No Defense" else "after"
+        if record is None:
+            return Outcome(NOT_RUN, reason=f"no record of {exp.attack} -> {exp.defense} at profile {exp.profile}",
+                           experiment=exp)
+        return Outcome(REPRODUCED, record, dict(record.metrics[which]), experiment=exp)
+
+    def compare(self, cells: list[Cell], *, log=print) -> pd.DataFrame:
+        """One row per cell: its labels, ours (percent, mean over seeds), the paper's, where each was measured, and
+        the status. Metrics are ``acc`` (clean accuracy) and ``asr``."""
+        index = RecordIndex(self.record_dirs())
+        rows = []
+        for cell in cells:
+            outcomes = [self.outcome(cell, s, index=index, log=log) for s in self.seeds]
+            done = [o for o in outcomes if o.status == REPRODUCED]
+            row: dict[str, Any] = dict(cell.labels)
+            for metric, key in (("acc", "clean_acc"), ("asr", "asr")):
+                values = [100 * o.metrics[key] for o in done]
+                row[f"ours {metric}"] = float(np.mean(values)) if values else np.nan
+                if len(values) > 1:
+                    row[f"ours {metric} std"] = float(np.std(values))
+                row[f"paper {metric}"] = _paper_value(cell, metric)
+            row["ours: measured at"] = _setting(done[0].record.config) if done else ""
+            row["paper: measured at"] = paper.PAPER_SETTING if cell.paper else ""
+            if done and len(done) < len(outcomes):
+                row["status"] = f"partly: {len(done)} of {len(outcomes)} seeds"
+            elif done:
+                row["status"] = REPRODUCED
+            else:
+                row["status"] = f"{outcomes[0].status} ({outcomes[0].reason})" if outcomes[0].reason else \
+                    outcomes[0].status
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        std_cols = [c for c in df.columns if c.endswith(" std")]
+        label_cols = [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
+        order = label_cols + ["ours acc", "ours asr", *std_cols, "paper acc", "paper asr",
+                              "ours: measured at", "paper: measured at", "status"]
+        return df[order]
+
+
+class RecordIndex:
+    """The records of some folders, looked up by experiment (defended) or by backdoored model (undefended)."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.by_key: dict[str, store.Record] = {}
+        self.by_model: dict[str, store.Record] = {}
+        for d in dirs:
+            for rec in store.load_all(d):
+                self.add(rec)
+
+    def add(self, record: store.Record) -> None:
+        self.by_key[record.key] = record
+        self.by_model.setdefault(record.provenance.get("model_key", ""), record)
+
+    def lookup(self, exp: Experiment, *, undefended: bool = False) -> tuple[store.Record | None, str]:
+        """The record of ``exp``, or (``undefended``) any record of its backdoored model, and which metrics to read."""
+        if undefended:
+            rec = self.by_key.get(exp.key()) or self.by_model.get(exp.model_key())
+            return rec, "before"
+        return self.by_key.get(exp.key()), "after"
+
+
+def _paper_value(cell: Cell, metric: str) -> float:
+    if not cell.paper:
+        return np.nan
+    spec = dict(cell.paper)
+    table = spec.pop("table")
+    attack = spec.pop("attack", cell.attack)
+    defense = spec.pop("defense", cell.defense)
+    try:
+        value = paper.reported(attack, defense, metric, table=table, **spec)
+    except KeyError:
+        return np.nan
+    return np.nan if value is None else value
+
+
+def _why_missing(cell: Cell) -> str:
+    missing = []
+    if cell.attack in paper.ATTACKS and paper.registry_name(cell.attack) is None:
+        missing.append(f"attack {cell.attack}")
+    if cell.defense in paper.DEFENSES and paper.defense_name(cell.defense) is None:
+        missing.append(f"defense {cell.defense}")
+    return ", ".join(missing) or "a parameter this library's component does not have"
+
+
+def _setting(config: dict[str, Any]) -> str:
+    model = config["model"] + (f" (width {config['width']})" if config.get("width") else "")
+    return f"{config['profile']}: {config['dataset']}, {model}"
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, (int, float, str)) else tuple(value)
+
+
+def format_table(df: pd.DataFrame) -> pd.io.formats.style.Styler:
+    """A comparison table for the page: percent with two decimals, empty cells as a dash, status text plain."""
+    numeric = [c for c in df.columns if c.startswith(("ours ", "paper ")) and "measured" not in c]
+    return (df.style.format("{:.2f}", subset=numeric, na_rep="—").hide(axis="index"))
+
+
+def not_reproduced(df: pd.DataFrame, label_cols: list[str] | None = None) -> list[str]:
+    """The rows of a comparison table that are not reproduced, as short sentences (for a plain list)."""
+    label_cols = label_cols or [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
+    out = []
+    for _, row in df[df["status"] != REPRODUCED].iterrows():
+        out.append(", ".join(f"{c} {row[c]}" for c in label_cols) + f": {row['status']}")
+    return out
+
+
+def sample_images(section: Section, k: int = 4, data_root: str | None = None) -> tuple[torch.Tensor, str]:
+    """``k`` test images (float, [0, 1]) of the section's data set, one per class from class 1 on (class 0 is the
+    default target), for showing triggers; falls back to the offline CIFAR-10 copy, then to synthetic data, when
+    the profile's data set is not on this machine. Returns the images and the data set's name."""
+    from . import data
+
+    wanted = profile(section.profile).dataset
+    for name in dict.fromkeys([wanted, "cifar10-jpeg", "synthetic"]):
+        try:
+            ds = data.load(name, data_root or section.data_root)
+        except (FileNotFoundError, RuntimeError, OSError):
+            continue
+        idx = [int((ds.y_test == c).nonzero()[0]) for c in range(1, 1 + k)]
+        return data.to_float(ds.x_test[idx]), name
+    raise FileNotFoundError("no data set is available for the trigger images")
+
+
+def summary(df: pd.DataFrame, *, what: str) -> str:
+    """A short, factual finding for a comparison table: how many rows are reproduced and how far ours is from the
+    paper's numbers where both exist (different settings: a gap is expected, the direction is what matters)."""
+    done = df[df["status"] == REPRODUCED]
+    lines = [f"{len(done)} of {len(df)} rows ({what}) have our numbers."]
+    both = done.dropna(subset=["paper acc", "paper asr"])
+    if len(both):
+        d_acc = (both["ours acc"] - both["paper acc"]).mean()
+        d_asr = (both["ours asr"] - both["paper asr"]).mean()
+        settings = ", ".join(sorted(set(both["ours: measured at"])))
+        lines.append(f"Where both exist ({len(both)} rows), ours is on average {d_acc:+.2f} points of clean accuracy "
+                     f"and {d_asr:+.2f} points of ASR from the paper's; ours were measured at {settings}, the "
+                     f"paper's on CIFAR-10 with ResNet-18, so absolute accuracy is not comparable.")
+    if len(done) < len(df):
+        lines.append(f"{len(df) - len(done)} rows are not yet reproduced (listed above).")
+    return " ".join(lines)
+
+
+def timings(directory: str | Path | None = None) -> pd.DataFrame:
+    """The measured seconds of every record in ``directory`` (default: the committed ``results/``): training, the
+    defense, and where it ran."""
+    rows = []
+    for rec in store.load_all(directory or store.RESULTS_DIR):
+        c, s, p = rec.config, rec.seconds, rec.provenance
+        params = ", ".join(f"{k}={v}" for k, v in sorted(c["defense_params"].items()))
+        rows.append({"profile": c["profile"], "attack": c["attack"],
+                     "defense": c["defense"] + (f" ({params})" if params else ""),
+                     "train s": None if p.get("model_from_cache") else s.get("train"),
+                     "defense s": s.get("defense"), "device": p.get("device_name", p.get("device", "")),
+                     "record": rec.filename()})
+    return pd.DataFrame(rows, columns=["profile", "attack", "defense", "train s", "defense s", "device", "record"])
