@@ -30,9 +30,12 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def clean_tensors(clean: CleanSplit, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The defender's split as float images in [0, 1] and int64 labels, on ``device``."""
-    return (as_float(clean.x_opt).to(device), clean.y_opt.long().to(device),
-            as_float(clean.x_val).to(device), clean.y_val.long().to(device))
+    """The defender's split as float images in [0, 1] and int64 labels, on ``device`` (channels_last, which
+    convolutions run faster in on CPUs and GPUs alike)."""
+    def images(x: torch.Tensor) -> torch.Tensor:
+        return as_float(x).to(device).contiguous(memory_format=torch.channels_last)
+
+    return images(clean.x_opt), clean.y_opt.long().to(device), images(clean.x_val), clean.y_val.long().to(device)
 
 
 def num_classes(model: nn.Module, sample: torch.Tensor) -> int:
@@ -76,8 +79,9 @@ class Augmentation:
 
 
 def copy_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """A deep copy on ``device`` with every parameter trainable: the caller's model is never changed."""
-    model = copy.deepcopy(model).to(device)
+    """A deep copy on ``device`` (channels_last) with every parameter trainable: the caller's model is never
+    changed."""
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
@@ -147,8 +151,7 @@ def finetune(
                 xb = augmentation(xb, gen)
             if transform is not None:
                 xb, yb = transform(xb, yb, gen)
-            if dev.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(dev):
                 loss = loss_fn(model, xb, yb)
             opt.zero_grad(set_to_none=True)
