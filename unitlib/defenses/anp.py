@@ -1,4 +1,5 @@
-"""ANP: Adversarial Neuron Pruning. Wu and Wang, "Adversarial Neuron Perturbation Exposes Backdoors", NeurIPS 2021.
+"""ANP: Adversarial Neuron Pruning. Wu and Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models",
+NeurIPS 2021.
 
 Backdoor neurons are the ones whose small multiplicative perturbation collapses the model. Every BatchNorm channel
 (a neuron) gets a mask ``m`` in [0, 1] and adversarial perturbations ``delta`` (of its scale) and ``xi`` (of its
@@ -10,7 +11,8 @@ whose mask ends at or below ``threshold`` are pruned (their BatchNorm scale set 
 Defaults are the official code's: eps 0.4, one perturbation step, alpha 0.2, mask lr 0.2 (SGD, momentum 0.9),
 batch 128 drawn with replacement from the clean data with crop and flip, 2000 iterations, threshold 0.2. The UNIT
 authors used alpha 0.5 (0.3 or 0.4 against WaNet). As in the official code the masks are optimised with batch
-statistics in the BatchNorm layers; the running statistics are left unchanged. Works through forward hooks on every
+statistics in the BatchNorm layers; the running statistics are left unchanged. After each ascent step the
+perturbations are clipped to [-eps, eps], the paper's constraint. Works through forward hooks on every
 affine BatchNorm layer, so any architecture that has them; a model without raises an error.
 """
 
@@ -78,7 +80,7 @@ class ANP(Defense):
     """
 
     name = "anp"
-    citation = "Wu and Wang, Adversarial Neuron Perturbation Exposes Backdoors (ANP), NeurIPS 2021"
+    citation = "Wu and Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models (ANP), NeurIPS 2021"
 
     eps: float = 0.4
     pgd_steps: int = 1

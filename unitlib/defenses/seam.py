@@ -1,4 +1,4 @@
-"""SEAM: Selective Amnesia. Zhu, Shen, Tao, Tang, Chen, Wang and Wang, "Selective Amnesia: On Efficient,
+"""SEAM: Selective Amnesia. Zhu, Tang, Tang, Wang and Tang, "Selective Amnesia: On Efficient,
 High-Fidelity and Blind Suppression of Backdoor Effects in Trojaned Machine Learning Models", IEEE S&P 2023.
 
 Catastrophic forgetting, induced on purpose: the model is first trained on a few clean images with random labels
