@@ -84,7 +84,7 @@ _VALUE_COLUMNS = ("table", "metric", "value", "status")
 def _read(name: str) -> pd.DataFrame:
     with resources.files(__package__).joinpath("paper_tables", name).open("r", encoding="utf-8") as f:
         df = pd.read_csv(f, dtype={"status": str})
-    if "value" in df:
+    if "status" in df:  # the tables and the prose numbers; defaults.csv keeps its text values
         df["value"] = pd.to_numeric(df["value"], errors="coerce")
     return df
 

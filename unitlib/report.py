@@ -71,7 +71,8 @@ class Section:
     - ``budgets``: UNIT accuracy budgets (``degradation``, fractions); the first is used wherever one budget is.
     - ``compute_missing``: run experiments that have no record (None: only at ``smoke``). At ``cpu`` one
       backdoored model takes minutes on two cores; at ``paper`` it needs a GPU.
-    - ``max_sweep``: values per swept setting (None: all at cpu/paper, 2 at smoke).
+    - ``max_sweep``: values per swept setting, and baselines per table at smoke (None: all at cpu/paper, 1 at
+      smoke, where every value is trained live).
     - ``results_dir``: where new records go and are also read from (None: build/results/<profile>).
     - ``device``, ``data_root``: where to run and where the data sets are.
     """
@@ -127,8 +128,8 @@ class Section:
         return self.budgets[0]
 
     def sweep(self, values: list[Any] | tuple[Any, ...]) -> list[Any]:
-        """The values of a swept setting to show: all, or the first ``max_sweep`` (2 at smoke)."""
-        limit = self.max_sweep if self.max_sweep is not None else (2 if self.profile == "smoke" else None)
+        """The values of a swept setting to show: all, or the first ``max_sweep`` (1 at smoke)."""
+        limit = self.max_sweep if self.max_sweep is not None else (1 if self.profile == "smoke" else None)
         return list(values)[:limit] if limit else list(values)
 
     def pick_attacks(self, paper_attacks: list[str]) -> list[str]:
@@ -149,6 +150,9 @@ class Section:
         if self.defenses is not None:
             chosen = [d for d in paper_defenses if paper.defense_name(d) in self.defenses]
             return [d for d in paper_defenses if d in chosen or d in always]
+        if self.profile == "smoke":
+            others = self.sweep([d for d in paper_defenses if d not in always and paper.defense_name(d)])
+            return [d for d in paper_defenses if d in always or d in others]
         return list(paper_defenses)
 
     def setting(self) -> str:
@@ -365,3 +369,26 @@ def timings(directory: str | Path | None = None) -> pd.DataFrame:
                      "defense s": s.get("defense"), "device": p.get("device_name", p.get("device", "")),
                      "record": rec.filename()})
     return pd.DataFrame(rows, columns=["profile", "attack", "defense", "train s", "defense s", "device", "record"])
+
+
+def gaps_markdown(df: pd.DataFrame) -> str:
+    """The rows of a comparison table that are not reproduced, as a Markdown list (or a sentence saying none)."""
+    gaps = not_reproduced(df)
+    if not gaps:
+        return "Every row above is reproduced at this profile."
+    return "**Not yet reproduced:**\n\n" + "\n".join(f"- {g}" for g in gaps)
+
+
+def sensitivity_view(grid: pd.DataFrame, baseline: str) -> tuple[str, str, dict[str, float] | None, pd.DataFrame] | None:
+    """What the A.3 grid explorer needs from a comparison table of :func:`unitlib.appendix.sensitivity`: the two
+    parameters (bars, slider), UNIT's accuracy and ASR (the dashed lines) and the reproduced grid rows; None when no
+    grid point is reproduced."""
+    p1, p2 = [c for c in grid.columns if c not in ("defense",) and not c.startswith(("ours", "paper", "status"))][:2]
+    done = grid[grid["status"] == REPRODUCED]
+    rows = done[done["defense"] == baseline]
+    if rows.empty:
+        return None
+    unit_rows = done[done["defense"] == "UNIT"]
+    unit = None if unit_rows.empty else {"acc": float(unit_rows["ours acc"].iloc[0]),
+                                         "asr": float(unit_rows["ours asr"].iloc[0])}
+    return p1, p2, unit, rows.reset_index(drop=True)

@@ -50,7 +50,10 @@ def stack_explorer(panels: dict[str, widgets.Widget], description: str, *, slide
 
 
 def _png(fig) -> widgets.Image:
-    return widgets.Image(value=plots.to_png(fig), format="png", layout=widgets.Layout(max_width="100%"))
+    # shown at its own size (no upscaling of small figures), narrower where the page is
+    width = int(fig.get_size_inches()[0] * fig.dpi)
+    return widgets.Image(value=plots.to_png(fig), format="png",
+                         layout=widgets.Layout(width=f"{width}px", max_width="100%"))
 
 
 def _html_table(df: pd.DataFrame) -> str:

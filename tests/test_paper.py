@@ -1,0 +1,89 @@
+"""The appendix's reported numbers, as shipped inside the package."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from unitlib import paper
+
+
+@pytest.mark.parametrize("number", sorted(paper.TABLES))
+def test_every_table_loads_in_long_format(number):
+    df = paper.table(number)
+    assert {"attack", "defense", "metric", "value", "status"} <= set(df.columns)
+    assert (df["table"] == number).all()
+    assert set(df["status"]) <= {"ok", "reconstructed", "missing"}
+    # missing cells, and only those, have no value
+    assert df.loc[df.status == "missing", "value"].isna().all()
+    assert df.loc[df.status != "missing", "value"].notna().all()
+
+
+def test_reported_values_match_the_appendix():
+    assert paper.reported("BadNets", "UNIT", "asr", table=8, clean_fraction=5) == 0.78
+    assert paper.reported("BadNets", "No Defense", "acc", table=8) == 94.82
+    assert paper.reported("Adap-Blend", "UNIT", "asr", table=10, design="Act. Rejection") == 39.93
+    assert paper.reported("Trojan", "UNIT", "acc", table=11, degradation=2) == 92.38
+    assert paper.reported("Blend", "UNIT", "asr", table=12, steps=50, lr=0.01) == 3.82
+    assert paper.reported("WaNet", "?P", "asr", table=9, poison_rate=0.1) == 1.44
+
+
+def test_missing_cells_are_none_not_zero():
+    assert paper.reported("NARCISSUS", "RNP", "acc", table=3) is None
+
+
+def test_ambiguous_or_unknown_selections_say_why():
+    with pytest.raises(KeyError, match="clean_fraction"):
+        paper.reported("BadNets", "UNIT", "asr", table=8)
+    with pytest.raises(KeyError, match="attacks:"):
+        paper.reported("NoSuchAttack", "UNIT", "asr", table=8, clean_fraction=5)
+    with pytest.raises(ValueError, match="valid"):
+        paper.reported("BadNets", "UNIT", "asr", table=8, budget=5)
+    with pytest.raises(ValueError, match="valid tables"):
+        paper.table(2)
+
+
+def test_table_returns_a_copy():
+    df = paper.table(8)
+    df.loc[0, "value"] = -1
+    assert paper.table(8).loc[0, "value"] != -1
+
+
+def test_table8_average_row_agrees_with_the_rows_as_documented():
+    t = paper.table(8)
+    rows = t[(t.attack != "Average") & (t.defense == "UNIT") & (t.clean_fraction == 0.1) & (t.metric == "asr")]
+    avg = paper.reported("Average", "UNIT", "asr", table=8, clean_fraction=0.1)
+    assert math.isclose(rows["value"].mean(), avg, abs_tol=0.02)
+
+
+def test_text_numbers_and_defaults():
+    assert len(paper.text_numbers()) == 70
+    d = paper.defaults().set_index("key")["value"]
+    assert d["clean_data_pct"] == "5" and d["poison_rate_pct"] == "10" and d["model"] == "ResNet-18"
+
+
+def test_registry_names_follow_the_registries():
+    assert paper.registry_name("BadNets") == "badnets"
+    assert paper.registry_name("Reflection", registered={"refool"}) == "refool"
+    assert paper.registry_name("COMBAT", registered=set()) is None
+    assert paper.defense_name("I-BAU", registered={"i-bau"}) == "i-bau"
+    assert paper.paper_name("unit", "defense") == "UNIT"
+    with pytest.raises(ValueError, match="valid"):
+        paper.registry_name("Nope")
+
+
+def test_every_cited_name_is_in_the_bibliography():
+    bib = (Path(__file__).resolve().parent.parent / "book" / "references.bib").read_text()
+    for name in [*paper.ATTACKS, *paper.DEFENSES]:
+        if name != "No Defense":
+            assert "{" + paper.CITATIONS[name] + "," in bib, name
+
+
+def test_the_package_copy_matches_the_shared_transcription_when_present():
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "paper" / "tables"
+    if not shared.exists():
+        pytest.skip("../shared/paper/tables is not beside this checkout")
+    for number, name in paper.TABLES.items():
+        pd.testing.assert_frame_equal(paper.table(number), paper._read.__wrapped__(name))
+        assert (shared / name).read_text() == (Path(paper.__file__).parent / "paper_tables" / name).read_text()

@@ -1,0 +1,123 @@
+"""The book's library side: sections, comparison tables, status, figures and the widget panels (the widgets'
+callbacks are library functions, called here directly)."""
+
+import ipywidgets
+import pandas as pd
+import pytest
+import torch
+
+from unitlib import appendix, book, paper, plots, report, widgets
+from unitlib.config import profile
+
+
+def test_section_refuses_unknown_parameters_with_the_valid_ones():
+    with pytest.raises(ValueError, match="valid parameters: profile"):
+        report.Section.from_parameters("x", profile="smoke", epochs=3)
+    with pytest.raises(ValueError, match="valid choices"):
+        report.Section.from_parameters("x", profile="gpu")
+    with pytest.raises(ValueError, match="valid choices"):
+        report.Section.from_parameters("x", attacks=["nope"])
+    with pytest.raises(ValueError, match="fractions"):
+        report.Section.from_parameters("x", budgets=[2])
+
+
+def test_section_computes_only_at_smoke_by_default():
+    assert report.Section(profile="smoke").compute
+    assert not report.Section(profile="cpu").compute
+    assert report.Section(profile="cpu", compute_missing=True).compute
+
+
+def test_cells_map_onto_experiments_that_match_unnamed_defaults():
+    sec = report.Section(profile="cpu")
+    cell = report.Cell({"attack": "BadNets"}, "BadNets", "UNIT")
+    # the budget at its default is left out, so the committed default record is the same experiment
+    assert sec.experiment(cell) == profile("cpu", attack="badnets", defense="unit")
+    other = report.Section(profile="cpu", budgets=[0.03]).experiment(cell)
+    assert other.defense_params == {"degradation": 0.03}
+    assert sec.experiment(report.Cell({}, "COMBAT", "UNIT")) is None or "combat" in paper.ATTACKS["COMBAT"]
+
+
+def test_compare_labels_ours_and_the_paper_and_lists_gaps(tmp_path):
+    sec = report.Section(profile="cpu", results_dir=str(tmp_path))
+    table = sec.compare(appendix.table8(sec), log=lambda *a: None)
+    bad = table[(table.attack == "BadNets") & (table["clean data"] == "5%")].iloc[0]
+    assert bad["status"] == report.REPRODUCED  # the committed cpu record
+    assert bad["ours: measured at"].startswith("cpu: cifar10-jpeg")
+    assert bad["paper: measured at"] == paper.PAPER_SETTING and bad["paper asr"] == 0.78
+    gaps = table[table.status != report.REPRODUCED]
+    assert len(gaps) and gaps["ours acc"].isna().all()  # never a fake number
+    assert all(s.startswith("not yet reproduced") for s in gaps["status"])
+    assert "Not yet reproduced" in report.gaps_markdown(table)
+    assert "rows" in report.summary(table, what="cells")
+    report.format_table(table).to_html()
+
+
+def test_unimplemented_cells_say_what_is_missing():
+    sec = report.Section(profile="cpu")
+    table = sec.compare(appendix.table5(sec))
+    assert (table.status.str.contains("label-specific poisoning")).all()
+
+
+def test_status_covers_every_item_without_running_anything(tmp_path):
+    status = appendix.status(("cpu",), results_dir=str(tmp_path), gallery_attacks=["BadNets"])
+    assert list(status["item"]) == [i.ref for i in appendix.ITEMS]
+    assert {"Table 3", "Table 12", "Fig. 14"} <= set(status["item"])
+    assert status.set_index("what").loc["Amount of clean data", "cpu"].startswith("partly")
+    assert not list(tmp_path.iterdir())
+
+
+def test_stack_explorer_links_control_and_panels():
+    box = widgets.stack_explorer({"a": ipywidgets.HTML("A"), "b": ipywidgets.HTML("B")}, "pick")
+    control, stack = box.children
+    assert isinstance(stack, ipywidgets.Stack) and stack.selected_index == 0
+    with pytest.raises(ValueError):
+        widgets.stack_explorer({}, "pick")
+
+
+def test_attack_panels_and_explorer():
+    sec = report.Section(profile="cpu")
+    images = torch.rand(2, 3, 32, 32)
+    panels = widgets.trigger_gallery(["badnets", "blend"], images)
+    views = widgets.attack_views(sec, ["BadNets", "Blend", "COMBAT"], panels)
+    assert views["BadNets"].triggers is not None and len(views["BadNets"].results)
+    assert "not yet reproduced" in views["COMBAT"].note or views["COMBAT"].registry
+    panel = widgets.attack_panel(views["BadNets"])
+    assert any(isinstance(c, ipywidgets.Image) for c in panel.children)
+    html = " ".join(c.value for c in panel.children if isinstance(c, ipywidgets.HTML))
+    assert "UNIT" in html and "cpu: cifar10-jpeg" in html
+    explorer = widgets.attack_explorer(views)
+    assert len(explorer.children[1].children) == 3
+
+
+def test_layer_panel_and_sensitivity_panel():
+    rng = torch.Generator().manual_seed(0)
+    clean = torch.rand(20, 2, 3, 3, generator=rng).numpy()
+    view = widgets.LayerView("net.act0", clean, clean * 3, clean.max(0) * 0.9, clean.max(0) * 2)
+    panel = widgets.layer_panel(view)
+    assert "net.act0" in panel.children[1].value
+    other = widgets.LayerView("net.act1", clean, clean, clean.max(0), clean.max(0))
+    assert len(widgets.unit_explorer([view, other]).children[1].children) == 2
+    grid = pd.DataFrame({"defense": ["FP"] * 4, "ratio": [0.1, 0.2, 0.1, 0.2], "lr": [0.01, 0.01, 0.1, 0.1],
+                         "ours acc": [90, 80, 70, 60], "ours asr": [50, 20, 10, 5], "status": [report.REPRODUCED] * 4})
+    p1, p2, unit, rows = report.sensitivity_view(grid, "FP")
+    assert (p1, p2, unit) == ("ratio", "lr", None)
+    explorer = widgets.sensitivity_explorer(rows, p1, p2, {"acc": 85.0, "asr": 1.0}, "FP")
+    assert len(explorer.children[1].children) == 2
+
+
+def test_figures_draw():
+    plots.to_png(plots.tightening_illustration())
+    df = pd.DataFrame({"attack": ["BadNets", "Blend"], "ours acc": [80.0, float("nan")], "ours asr": [2.0, None],
+                       "paper acc": [92.5, 92.0], "paper asr": [0.8, 1.2]})
+    assert plots.to_png(plots.comparison_bars(df, "attack")).startswith(b"\x89PNG")
+    sweep = pd.DataFrame({"target": [1, 1, 3, 3], "defense": ["No Defense", "UNIT"] * 2,
+                          "ours acc": [90, 88, 91, 89], "ours asr": [100, 1, 100, 2]})
+    plots.to_png(plots.sweep_lines(sweep, "target"))
+
+
+def test_book_cli_parses_parameters():
+    assert book._value("['badnets', 'blend']") == ["badnets", "blend"]
+    assert book._value("None") is None and book._value("true") is True and book._value("0.03") == 0.03
+    assert book._value("smoke") == "smoke"
+    with pytest.raises(ValueError, match="valid"):
+        book.execute("nope")
