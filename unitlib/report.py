@@ -186,7 +186,12 @@ class Section:
             # Parameters at their defaults are left out, so the experiment is the same one (same hash) as a run
             # that never named them.
             params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
-        return base.replace(attack=attack, defense=defense, defense_params=params, seed=seed, **cell.changes)
+        changes = dict(cell.changes)
+        if self.profile == "smoke" and attacks.attack_class(attack).clean_label:
+            # The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole
+            # set would take every target-class image and leave the defender none. Half of them at smoke.
+            changes.setdefault("poison_rate", min(base.poison_rate, 0.05))
+        return base.replace(attack=attack, defense=defense, defense_params=params, seed=seed, **changes)
 
     def record_dirs(self) -> list[Path]:
         dirs = [store.RESULTS_DIR, self.output_dir()]
@@ -375,7 +380,7 @@ def gaps_markdown(df: pd.DataFrame) -> str:
     """The rows of a comparison table that are not reproduced, as a Markdown list (or a sentence saying none)."""
     gaps = not_reproduced(df)
     if not gaps:
-        return "Every row above is reproduced at this profile."
+        return "Every row shown above is reproduced at this profile."
     return "**Not yet reproduced:**\n\n" + "\n".join(f"- {g}" for g in gaps)
 
 
