@@ -114,4 +114,5 @@ def test_bad_parameters():
 
 def test_official_schedule():
     u = UNIT.official_schedule(degradation=0.03)
-    assert (u.steps, u.lr, u.val_every, u.freeze_weights, u.degradation) == (300, 1e-3, 1, False, 0.03)
+    assert (u.steps, u.lr, u.patience, u.val_every, u.freeze_weights, u.degradation) == (300, 1e-3, 5, 1, False, 0.03)
+    assert (UNIT().steps, UNIT().lr, UNIT().patience) == (30, 1e-2, 1)
