@@ -3,6 +3,7 @@ working model of the same interface, leaves the input model untouched, lowers th
 touches test data. Budgets are cut to seconds through each defense's own parameters."""
 
 import copy
+import json
 import time
 
 import pytest
@@ -11,24 +12,14 @@ from torch import nn
 
 from unitlib import config, data, metrics
 from unitlib.cli import main
-from unitlib.defenses import ANP, FP, FT, IBAU, NAD, NC, SEAM, CleanSplit, get
+from unitlib.defenses import ANP, FP, FT, IBAU, NAD, NC, SEAM, SMOKE_PARAMS, CleanSplit, get
 from unitlib.defenses.common import Augmentation, ChannelMask, feature_sites, rotate
 from unitlib.defenses.nad import attention_map
 from unitlib.defenses.nc import anomaly_index
 from unitlib.experiment import build_model
 from unitlib.train import fit
 
-# Small budgets that still remove the smoke backdoor (the defaults are the papers' and take minutes).
-SMOKE_PARAMS = {
-    "ft": {"epochs": 4, "lr": 0.1, "lr_step": 0},
-    "fp": {"ratio": 0.8, "epochs": 3, "lr": 0.05},
-    "nad": {"epochs": 3, "teacher_epochs": 3, "teacher_lr": 0.1, "lr": 0.002},
-    "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3},
-    "anp": {"iterations": 100, "batch_size": 32, "alpha": 0.05, "threshold": 0.6},
-    "i-bau": {"rounds": 2, "lr": 3e-3},
-    "seam": {"forget_lr": 0.05, "forget_acc": 0.12, "recover_epochs": 4, "recover_lr": 0.05, "recover_lr_step": 0},
-}
-BASELINES = sorted(SMOKE_PARAMS)
+BASELINES = ["anp", "fp", "ft", "i-bau", "nad", "nc", "seam"]
 
 
 class DataTouched(AssertionError):
@@ -93,6 +84,12 @@ def test_tripwire_trips():
         mp.undo()
 
 
+def test_every_baseline_has_a_smoke_budget():
+    assert sorted(SMOKE_PARAMS) == BASELINES
+    for name, params in SMOKE_PARAMS.items():
+        get(name, **params)  # valid names and values
+
+
 def test_all_listed_by_the_cli(capsys):
     assert main(["list"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("defenses:"))
@@ -132,9 +129,12 @@ def test_lowers_asr_and_keeps_a_working_model(name, outcomes, planted):
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_report(name, outcomes):
-    report = outcomes["runs"][name]["defense"].report
+    defense = outcomes["runs"][name]["defense"]
+    report = defense.report
     assert report["seconds"] > 0 and 0 <= report["final_val_acc"] <= 1
     assert 0 <= report["base_val_acc"] <= 1
+    # a record stores the report and the resolved parameters as JSON
+    assert json.loads(json.dumps({"report": report, "params": defense.params()}))["params"] == defense.params()
 
 
 def test_fp_mask_persists(outcomes, planted):
