@@ -47,7 +47,7 @@ def test_section_executes_at_smoke(section, smoke_dirs):
     text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("data", {}).get("text/html", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     # our numbers are labelled with the setting they were measured at, beside the paper's
-    assert "smoke: synthetic" in text and "paper: CIFAR-10, ResNet-18" in text
+    assert "smoke: synthetic" in text and "CIFAR-10, ResNet-18" in text
 
 
 # -- the whole book, as `make book` builds it -------------------------------------------------------------------------

@@ -25,11 +25,6 @@ from .config import PROFILES, Experiment, profile
 
 __all__ = ["Cell", "Outcome", "Section", "REPRODUCED", "NOT_RUN", "NOT_IMPLEMENTED"]
 
-# At the smoke profile every run is computed live; the baselines' long schedules are capped there (the caps are
-# part of the experiment, so the records say so). Smoke exercises the code paths; it measures nothing.
-SMOKE_CAPS = {"epochs": 2, "teacher_epochs": 2, "recover_epochs": 2, "unlearn_epochs": 1, "iterations": 100,
-              "steps": 50, "forget_steps": 20, "rounds": 2}
-
 REPRODUCED = "reproduced"
 NOT_RUN = "not yet reproduced: not run at this profile"
 NOT_IMPLEMENTED = "not yet reproduced: not implemented"
@@ -181,14 +176,13 @@ class Section:
             if defense is None:
                 return None
             params = dict(base.defense_params) if defense == base.defense else {}
+            if self.profile == "smoke":
+                # every run is live at smoke: the baselines' short smoke schedules (recorded with the experiment)
+                params.update(getattr(defenses, "SMOKE_PARAMS", {}).get(defense, {}))
             if defense == "unit":
                 params["degradation"] = self.budget
             params.update(cell.defense_params)
             defaults = defenses.parameters(defense)
-            if self.profile == "smoke" and defense != "unit":
-                for key, cap in SMOKE_CAPS.items():
-                    if key in defaults and key not in params and isinstance(defaults[key], int) and defaults[key] > cap:
-                        params[key] = cap
             unknown = sorted(set(params) - set(defaults))
             if unknown:
                 return None
