@@ -247,8 +247,9 @@ class Section:
             elif done:
                 row["status"] = REPRODUCED
             else:
-                row["status"] = f"{outcomes[0].status} ({outcomes[0].reason})" if outcomes[0].reason else \
-                    outcomes[0].status
+                # a missing record needs no explanation; a missing component is named
+                reason = outcomes[0].reason if outcomes[0].status == NOT_IMPLEMENTED else ""
+                row["status"] = f"{outcomes[0].status} ({reason})" if reason else outcomes[0].status
             rows.append(row)
         df = pd.DataFrame(rows)
         std_cols = [c for c in df.columns if c.endswith(" std")]
