@@ -40,3 +40,30 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
 def test_overrides_parse_json_values():
     assert overrides(["seed=3", "model=resnet18", "attack_params.alpha=0.1", "width=null"]) == {
         "seed": 3, "model": "resnet18", "attack_params": {"alpha": 0.1}, "width": None}
+
+
+def test_records_lists_each_record_with_what_it_changed(tmp_path, capsys):
+    import torch
+
+    from unitlib import results
+    from unitlib.config import profile
+
+    for exp, after in [(profile("smoke"), 0.05), (profile("smoke", poison_rate=0.2, defense="ft",
+                                                          defense_params={"epochs": 3}), 0.5)]:
+        results.save(results.Record(
+            key=exp.key(), config=exp.to_dict(),
+            metrics={"before": {"clean_acc": 0.9, "asr": 1.0}, "after": {"clean_acc": 0.88, "asr": after}},
+            seconds={"train": 2.0, "defense": 1.5}, provenance=results.provenance(torch.device("cpu"))), tmp_path)
+    assert main(["records", "--results", str(tmp_path), "--profile", "smoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| profile | attack | defense | changes | acc before")
+    assert len(lines) == 4
+    ft = next(line for line in lines if "| ft |" in line)
+    assert "poison_rate=0.2" in ft and "defense.epochs=3" in ft and "| 50.00 |" in ft
+    unit = next(line for line in lines if "| unit |" in line)
+    # the smoke profile's own UNIT parameters are not a change
+    assert "| badnets | unit |  | 90.00 | 100.00 | 88.00 | 5.00 |" in unit
+    assert main(["records", "--results", str(tmp_path), "--profile", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["records", "--results", str(tmp_path), "--csv"]) == 0
+    assert capsys.readouterr().out.count("\n") == 3

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("show", help="print a profile's experiment as JSON")
     show.add_argument("--profile", default="cpu", choices=list(PROFILES))
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rec_p = sub.add_parser("records", help="print the result records as a Markdown table")
+    rec_p.add_argument("--profile", choices=list(PROFILES), help="only this profile's records")
+    rec_p.add_argument("--results", help="directory of records (default: results/ of the repository)")
+    rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     args = parser.parse_args(argv)
 
     try:
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                                  ("models", list(models.MODELS)), ("activations", list(models.ACTIVATIONS)),
                                  ("attacks", sorted(attacks.ATTACKS)), ("defenses", sorted(defenses.DEFENSES))]:
                 print(f"{title}: {', '.join(names)}")
+            return 0
+        if args.command == "records":
+            from .report import markdown, records_table
+
+            table = records_table(args.results, args.profile)
+            print(table.to_csv(index=False) if args.csv else markdown(table), end="\n" if not args.csv else "")
             return 0
         changes = overrides(args.set)
         if args.command == "run":

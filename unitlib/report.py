@@ -401,3 +401,57 @@ def sensitivity_view(grid: pd.DataFrame, baseline: str) -> tuple[str, str, dict[
     unit = None if unit_rows.empty else {"acc": float(unit_rows["ours acc"].iloc[0]),
                                          "asr": float(unit_rows["ours asr"].iloc[0])}
     return p1, p2, unit, rows.reset_index(drop=True)
+
+
+def _changes(config: dict[str, Any]) -> str:
+    """What a record's experiment sets differently from its profile (besides the attack and the defense)."""
+    try:
+        base = profile(config["profile"], attack=config["attack"], defense=config["defense"]).to_dict()
+    except (KeyError, ValueError):
+        return "?"
+    out = []
+    for key, value in config.items():
+        if key in ("attack", "defense", "profile") or base.get(key) == value:
+            continue
+        if isinstance(value, dict):
+            out += [f"{key.removesuffix('_params')}.{k}={v}" for k, v in sorted(value.items())
+                    if base.get(key, {}).get(k) != v]
+        else:
+            out.append(f"{key}={value}")
+    return ", ".join(out)
+
+
+def records_table(directory: str | Path | None = None, profile_name: str | None = None) -> pd.DataFrame:
+    """Every record in ``directory`` (default: the committed ``results/``), one row each: the attack, the defense,
+    what the experiment changed from its profile, clean accuracy and ASR before and after the defense (percent),
+    the measured seconds and the device. ``profile_name`` keeps one profile's records."""
+    if profile_name is not None and profile_name not in PROFILES:
+        raise ValueError(f"unknown profile {profile_name!r}; valid choices: {', '.join(PROFILES)}")
+    rows = []
+    for rec in store.load_all(directory or store.RESULTS_DIR):
+        c, s, p, m = rec.config, rec.seconds, rec.provenance, rec.metrics
+        if profile_name is not None and c["profile"] != profile_name:
+            continue
+        rows.append({"profile": c["profile"], "attack": c["attack"], "defense": c["defense"],
+                     "changes": _changes(c),
+                     "acc before": 100 * m["before"]["clean_acc"], "asr before": 100 * m["before"]["asr"],
+                     "acc after": 100 * m["after"]["clean_acc"], "asr after": 100 * m["after"]["asr"],
+                     "train s": None if p.get("model_from_cache") else s.get("train"),
+                     "defense s": s.get("defense"), "device": p.get("device_name", p.get("device", "")),
+                     "record": rec.filename()})
+    columns = ["profile", "attack", "defense", "changes", "acc before", "asr before", "acc after", "asr after",
+               "train s", "defense s", "device", "record"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["profile", "attack", "defense"], kind="stable",
+                                                           ignore_index=True)
+
+
+def markdown(df: pd.DataFrame, digits: int = 2) -> str:
+    """``df`` as a GitHub Markdown table (floats to ``digits`` places, missing values blank)."""
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return ""
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
