@@ -116,3 +116,23 @@ def test_official_schedule():
     u = UNIT.official_schedule(degradation=0.03)
     assert (u.steps, u.lr, u.patience, u.val_every, u.freeze_weights, u.degradation) == (300, 1e-3, 5, 1, False, 0.03)
     assert (UNIT().steps, UNIT().lr, UNIT().patience) == (30, 1e-2, 1)
+
+
+@pytest.mark.parametrize("mode", ["clip", "reject"])
+def test_budget_is_checked_in_the_mode_that_is_applied(mode, monkeypatch):
+    import unitlib.defenses.unit as unit_module
+
+    seen = []
+    real = unit_module.accuracy
+
+    def spy(model, *args, **kw):
+        if isinstance(model, BoundedModel):
+            seen.append(model.train_with_clip)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(unit_module, "accuracy", spy)
+    unit = UNIT(steps=3, mode=mode)
+    defended = unit(_model(), _clean(), progress=False)
+    # every validation (initial, each step, final) ran the bounds as they will be applied: rejection in reject mode
+    assert len(seen) == 5 and not any(seen)
+    assert defended.mode == mode and not defended.train_with_clip

@@ -246,7 +246,13 @@ class UNIT(Defense):
         opt = torch.optim.Adam(params, lr=self.lr, betas=(0.5, 0.9))
 
         def val_acc() -> float:
-            return accuracy(bounded, x_val, y_val, batch_size=self.chunk, device=dev)
+            # Judged as the bounds will be applied: in reject mode a clipped model's accuracy overstates the
+            # rejected one's (on Blend at the cpu profile: 86.4% validated by clipping, 75.6% by rejection).
+            bounded.train_with_clip = False
+            try:
+                return accuracy(bounded, x_val, y_val, batch_size=self.chunk, device=dev)
+            finally:
+                bounded.train_with_clip = True
 
         def reg_value() -> float:
             return sum(p.detach().clamp(min=0).mean().item() for p in params)
@@ -312,13 +318,14 @@ class UNIT(Defense):
                 p.requires_grad_(False)
         for p in model.parameters():
             p.requires_grad_(False)
+        final_acc = val_acc()
         bounded.train_with_clip = False
         self.report = {
             "base_val_acc": base,
             "threshold": threshold,
             "threshold_met": best is not None,
             "best_step": best_step,
-            "final_val_acc": val_acc(),
+            "final_val_acc": final_acc,
             "sites": sites,
             "n_bounds": sum(p.numel() for p in params),
             "history": history,
