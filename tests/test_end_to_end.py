@@ -49,4 +49,24 @@ def test_second_run_reuses_the_cached_model(runs):
     (first,), (second,), _ = runs
     assert second.provenance["model_from_cache"] is True
     assert second.metrics["before"] == first.metrics["before"]
+    # the undefended model's metrics are measured once per model file and reused
+    assert first.provenance["before_from_cache"] is False and second.provenance["before_from_cache"] is True
     assert second.seconds["train"] < first.seconds["train"]
+
+
+def test_saved_undefended_metrics_are_only_reused_for_the_same_model_file(tmp_path, monkeypatch):
+    from unitlib import data
+    from unitlib.config import profile
+    from unitlib.experiment import cached_evaluation, remember_evaluation
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    exp = profile("smoke")
+    ds = data.load(exp.dataset, size=exp.train_size)
+    path = results.model_path(exp)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"model one")
+    remember_evaluation(exp, ds, {"clean_acc": 0.5, "asr": 0.25})
+    assert cached_evaluation(exp, ds) == {"clean_acc": 0.5, "asr": 0.25}
+    assert cached_evaluation(profile("smoke", seed=1), ds) is None
+    path.write_bytes(b"model two")  # retrained: the saved metrics no longer apply
+    assert cached_evaluation(exp, ds) is None

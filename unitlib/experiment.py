@@ -56,6 +56,35 @@ def backdoored_model(
     return model.eval(), None
 
 
+def _evaluation_path(exp: Experiment):
+    return results.model_path(exp).with_suffix(".before.json")
+
+
+def _evaluation_tag(exp: Experiment, dataset: data.Dataset) -> dict[str, object]:
+    """What the undefended model's metrics depend on: the exact model file and the test set."""
+    return {"model_sha256": results.file_digest(results.model_path(exp)), "dataset": exp.dataset,
+            "test_sha256": results.tensor_digest(dataset.x_test, dataset.y_test)}
+
+
+def cached_evaluation(exp: Experiment, dataset: data.Dataset) -> dict[str, float] | None:
+    """The undefended model's metrics saved beside the cached model, if they were measured on this very model file
+    and test set (every defense of one backdoored model shares them; the attack, hence the test-time trigger, is
+    part of the model's key); else None."""
+    path = _evaluation_path(exp)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return saved["metrics"] if saved.get("tag") == _evaluation_tag(exp, dataset) else None
+
+
+def remember_evaluation(exp: Experiment, dataset: data.Dataset, metrics: dict[str, float]) -> None:
+    if results.model_path(exp).exists():
+        results.write_json(_evaluation_path(exp), {"tag": _evaluation_tag(exp, dataset), "metrics": metrics})
+
+
 def run(
     exp: Experiment,
     *,
@@ -86,7 +115,11 @@ def run(
     cached = cached_meta is not None
     log(f"backdoored model {'loaded from cache' if cached else 'trained'} in {seconds['train']:.1f}s")
     with _timer(seconds, "eval_before"):
-        before = evaluate(model, dataset.x_test, dataset.y_test, attack, device=dev)
+        before = cached_evaluation(exp, dataset) if cached else None
+        before_cached = before is not None
+        if before is None:
+            before = evaluate(model, dataset.x_test, dataset.y_test, attack, device=dev)
+            remember_evaluation(exp, dataset, before)
     log(f"before {exp.defense}: clean_acc {before['clean_acc']:.2%}  asr {before['asr']:.2%}")
 
     # The defender's clean data: never poisoned samples, never test data.
@@ -106,7 +139,7 @@ def run(
         metrics={"before": before, "after": after},
         seconds=seconds,
         provenance={**origin, "dataset": exp.dataset, "model_key": exp.model_key(),
-                    "model_from_cache": cached,
+                    "model_from_cache": cached, "before_from_cache": before_cached,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
                     "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},
         report={"resolved": {"attack": attack.params(), "defense": defense.params()}, **defense.report},

@@ -6,6 +6,7 @@ experiment's model hash as safetensors (never pickles)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -149,6 +150,25 @@ def model_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over tensors' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_path(experiment: Experiment) -> Path:
