@@ -247,6 +247,7 @@ def test_anp_needs_batchnorm():
     (NAD, {"beta": -5}, r"beta must be in \[0, inf\], got -5"),
     (NAD, {"layers": "first:2"}, r"layers must be 'last:k' \(k >= 1\)"),
     (NAD, {"teacher_lr": 0}, r"teacher_lr must be > 0, got 0"),
+    (NAD, {"batch_stats": "yes"}, r"batch_stats must be true or false, got 'yes'"),
     (ANP, {"eps": 1.5}, r"eps must be in \[0, 1\], got 1.5"),
     (ANP, {"alpha": 2}, r"alpha must be in \[0, 1\], got 2"),
     (ANP, {"iterations": 0}, r"iterations must be an int >= 1, got 0"),
@@ -285,3 +286,17 @@ def test_cuda(name, planted):
     after = metrics.evaluate(defended, planted["x_test"], planted["y_test"], planted["attack"], device="cuda")
     assert after["asr"] <= 0.5 and after["clean_acc"] >= 0.5, (name, after)
     assert next(planted["model"].parameters()).device.type == "cpu"
+
+
+def test_nad_compares_attention_in_one_normalisation_mode(planted):
+    """With the teacher an unchanged copy of the student (no teacher epochs) and no learning, the attention loss is
+    zero when the teacher normalises by batch statistics as the training student does; in eval mode (the official
+    code's) the mode mismatch alone adds to the loss. The teacher's running statistics are never changed."""
+    def first_epoch_loss(**kw):
+        nad = NAD(teacher_epochs=0, epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0, **kw)
+        nad(planted["model"], planted["clean"], device="cpu", progress=False)
+        return nad.report["history"][0]["loss"]
+
+    ce_only = first_epoch_loss(beta=0.0)
+    assert first_epoch_loss(beta=5000.0) == pytest.approx(ce_only, rel=1e-3)
+    assert first_epoch_loss(beta=5000.0, batch_stats=False) > ce_only + 1e-3
