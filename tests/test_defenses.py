@@ -272,7 +272,7 @@ def test_unknown_parameter_names_the_valid_ones():
 def test_defaults_follow_the_papers():
     assert (FT().epochs, FT().lr, FT().lr_step, FT().lr_gamma) == (20, 1e-2, 4, 0.1)
     assert (ANP().eps, ANP().pgd_steps, ANP().alpha, ANP().mask_lr, ANP().threshold) == (0.4, 1, 0.2, 0.2, 0.2)
-    assert (IBAU().rounds, IBAU().K, IBAU().lr, IBAU().batch_size) == (5, 5, 1e-3, 100)
+    assert (IBAU().rounds, IBAU().K, IBAU().lr, IBAU().batch_size) == (5, 5, 1e-4, 100)
     assert (NC().init_cost, NC().lr, NC().attack_threshold, NC().anomaly_threshold) == (1e-3, 0.1, 0.99, 2.0)
     assert (NAD().beta, NAD().p) == (5000.0, 2.0)
     assert FP().ratio == 0.2

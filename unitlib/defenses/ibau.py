@@ -10,11 +10,15 @@ delta is treated as the fixed point of the inner gradient-descent map Phi(delta,
 L_inner, and the hypergradient grad_theta L_outer + (d Phi / d theta)^T v, with v from ``K`` fixed-point iterations
 v <- (d Phi / d delta)^T v + grad_delta L_outer (the K-step approximation of the inverse Hessian-vector product).
 
-Defaults are the official code's: 5 rounds, K 5, batch 100, Adam at lr 1e-3 on the weights, model in eval mode
+Defaults are the official code's except the lr: 5 rounds, K 5, batch 100, Adam on the weights, model in eval mode
 (BatchNorm statistics fixed), perturbed images clipped to [0, 1] (the official notebook). Departures, each a bug
 fix: the official code searches delta on poisoned test images and evaluates the inner loss of every outer step on
 the first batch only; here delta comes from the defender's clean optimise split and the inner loss of each outer
 step uses that step's batch. ``portion`` of a batch carries delta, at least one image (the official 1% of 100).
+
+The lr is 1e-4, not the official 1e-3: on the ``cpu`` profile's BadNets model (small CNN, BatchNorm in eval mode)
+the official lr took validation accuracy from 86.2% to 8.8% in the first round and left a 10%-accurate model
+(4 rounds); at 1e-4 the same run kept 81.66% test accuracy and lowered ASR from 100% to 62.63%.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class IBAU(Defense):
 
     rounds: int = 5
     K: int = 5
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch_size: int = 100
     inner_lr: float = 10.0
     inner_reg: float = 1e-3
