@@ -43,6 +43,9 @@ NPM: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
         ("dist/embed-amd.js", "embed-amd.js", ()),
         # the widgets' icon fonts, fetched from window.__jupyter_widgets_assets_path__ + this path
         ("dist", "@jupyter-widgets/html-manager/dist", FONTS),
+        # ...and beside the manager's require.js module path, where it asks for them when it starts before
+        # widgets-config.js has set that variable (seen once in CI: 404s for @jupyter-widgets/<hash>.woff2)
+        ("dist", "@jupyter-widgets", FONTS),
     ],
     "mathjax@3.2.2": [("es5/tex-chtml.js", "mathjax/tex-chtml.js", ()),
                       ("es5/output/chtml/fonts", "mathjax/output/chtml/fonts", ())],
