@@ -136,3 +136,55 @@ def test_budget_is_checked_in_the_mode_that_is_applied(mode, monkeypatch):
     # every validation (initial, each step, final) ran the bounds as they will be applied: rejection in reject mode
     assert len(seen) == 5 and not any(seen)
     assert defended.mode == mode and not defended.train_with_clip
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 10)).eval()
+
+
+def test_budget_is_measured_from_the_original_model():
+    # Labels are the model's own predictions, so the original model is 100% accurate on the validation split;
+    # bounds at the clean mean change some predictions, and must not leak into the reference accuracy.
+    model, clean = _mlp(), _clean()
+    with torch.no_grad():
+        y_val = model(clean.x_val).argmax(1)
+    assert len(y_val.unique()) > 2
+    clean = CleanSplit(clean.x_opt, clean.y_opt, clean.x_val, y_val)
+    for mode, surrogate in [("clip", "clip"), ("reject", "sigmoid")]:
+        unit = UNIT(steps=1, init_std=0.0, mode=mode, surrogate=surrogate)
+        unit(model, clean, progress=False)
+        assert unit.report["base_val_acc"] == 1.0, (mode, surrogate)
+        assert unit.report["final_val_acc"] < 1.0
+
+
+def test_sigmoid_surrogate_gives_rejection_a_gradient():
+    toy = torch.nn.Sequential(torch.nn.ReLU())
+    bound = torch.tensor([0.5, 0.5, 0.5])
+    bounded = BoundedModel(toy, {"0": bound}, "reject")
+    bounded.train_with_clip = True
+    bounded.gate_temperature = {"0": torch.tensor([0.1, 0.1, 0.1])}
+    bounded.bounds["0"].requires_grad_(True)
+    x = torch.tensor([[0.2, 0.5, 0.9]])
+    out = bounded(x)
+    assert torch.allclose(out, x * torch.sigmoid((0.5 - x) / 0.1))
+    out.sum().backward()
+    grad = bounded.bounds["0"].grad
+    assert grad is not None and (grad > 0).all()  # raising a bound lets more of every value through
+    bounded.train_with_clip = False  # applied: hard rejection, whatever the gate
+    assert torch.equal(bounded(x), torch.tensor([[0.2, 0.5, 0.0]]))
+
+
+def test_sigmoid_surrogate_is_what_unit_optimises():
+    model, clean = _mlp(), _clean()
+    runs = {s: UNIT(steps=1, init_std=1.0, mode="reject", surrogate=s) for s in ("clip", "sigmoid")}
+    for surrogate, unit in runs.items():
+        defended = unit(model, clean, progress=False)
+        assert defended.gate_temperature == {} and defended.mode == "reject" and not defended.train_with_clip
+    ce = {s: u.report["history"][0]["ce"] for s, u in runs.items()}
+    assert abs(ce["clip"] - ce["sigmoid"]) > 1e-3  # identical if the gate were not what is optimised
+    with pytest.raises(ValueError, match="unknown surrogate 'tanh'; valid choices: clip, sigmoid"):
+        UNIT(surrogate="tanh")
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        UNIT(temperature=0)

@@ -30,6 +30,7 @@ from .base import CleanSplit, Defense, register
 
 GRANULARITIES = ("element", "channel")
 MODES = ("clip", "reject")
+SURROGATES = ("clip", "sigmoid")
 
 
 def activation_sites(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -87,8 +88,10 @@ class BoundedModel(nn.Module):
         missing = [n for n in self.layers if n not in modules]
         if missing:
             raise ValueError(f"no module named {', '.join(missing)} in the model")
-        # During optimisation, rejection has no gradient: bounds are learned by clipping and applied by rejection.
+        # During optimisation, rejection has no gradient: bounds are learned through a surrogate (clipping, or a
+        # smooth gate with these per-site temperatures) and applied by rejection.
         self.train_with_clip = False
+        self.gate_temperature: dict[str, torch.Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
 
     def _hook(self, name: str):
@@ -98,6 +101,8 @@ class BoundedModel(nn.Module):
             bound = self.bounds[key].clamp(min=0).to(output.dtype)
             if self.mode == "reject" and not self.train_with_clip:
                 return torch.where(output > bound, torch.zeros_like(output), output)
+            if self.mode == "reject" and key in self.gate_temperature:
+                return output * torch.sigmoid((bound - output) / self.gate_temperature[key].to(output))
             return torch.minimum(output, bound)
 
         return hook
@@ -152,6 +157,10 @@ class UNIT(Defense):
     - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser.
     - ``granularity``: one bound per activation ``element`` (official code) or per ``channel``.
     - ``mode``: ``clip`` to the bound or ``reject`` (zero) values above it (Table 10).
+    - ``surrogate``: how ``reject`` bounds are learned, since rejection itself has no gradient: ``clip`` (optimise
+      as clipping, apply as rejection) or ``sigmoid`` (a smooth gate ``a * sigmoid((bound - a) / t)``, ``t`` =
+      ``temperature`` times the element's clean std, whose gradient says which rejections cost accuracy, so bounds
+      that start too tight are loosened). The appendix does not say how its rejection variant was optimised.
     - ``layers``: ``all``, ``first:k`` or ``last:k`` activation sites (Table 10, Fig. 14).
     - ``val_every``: validate every this many steps (1 = every step, as the official code).
     - ``chunk``: images per forward pass; gradients accumulate so each step still sees the full batch.
@@ -181,6 +190,8 @@ class UNIT(Defense):
     alpha_down: float = 2.0**1.5
     granularity: str = "element"
     mode: str = "clip"
+    surrogate: str = "clip"
+    temperature: float = 0.5
     layers: str = "all"
     val_every: int = 1
     chunk: int = 500
@@ -194,6 +205,10 @@ class UNIT(Defense):
             raise ValueError(f"unknown granularity {self.granularity!r}; valid choices: {', '.join(GRANULARITIES)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; valid choices: {', '.join(MODES)}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"unknown surrogate {self.surrogate!r}; valid choices: {', '.join(SURROGATES)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         select_layers([], self.layers)  # validates the spelling
         for key in ("steps", "patience", "val_every", "chunk"):
             if getattr(self, key) < 1:
@@ -222,10 +237,13 @@ class UNIT(Defense):
         for p in model.parameters():
             p.requires_grad_(not self.freeze_weights)
 
+        # The original model's accuracy, measured before any bound is hooked onto it.
+        base = accuracy(model, x_val, y_val, batch_size=self.chunk, device=dev)
         sites = select_layers(activation_sites(model, x_opt[:2]), self.layers)
         stats = _collect(model, sites, x_opt, self.chunk)
         n = len(x_opt)
         bounds: dict[str, torch.Tensor] = {}
+        stds: dict[str, torch.Tensor] = {}
         for name in sites:
             s, sq = stats[name]
             count = len(x_opt)
@@ -236,10 +254,15 @@ class UNIT(Defense):
             mean = s / count
             var = ((sq - count * mean * mean) / max(count - 1, 1)).clamp(min=0)  # unbiased, as torch.std
             b = mean + self.init_std * var.sqrt()
-            bounds[name] = b[:, None, None] if b.ndim == 1 and stats[name][0].ndim == 3 else b
+            per_channel = b.ndim == 1 and stats[name][0].ndim == 3
+            bounds[name] = b[:, None, None] if per_channel else b
+            stds[name] = var.sqrt()[:, None, None] if per_channel else var.sqrt()
 
         bounded = BoundedModel(model, bounds, self.mode).to(dev)
         bounded.train_with_clip = True
+        if self.mode == "reject" and self.surrogate == "sigmoid":
+            # a floor keeps the gate finite where the clean std is 0 (e.g. always-off ReLU units)
+            bounded.gate_temperature = {_key(n): self.temperature * stds[n].clamp(min=1e-3) for n in sites}
         params = list(bounded.bounds.values())
         for p in params:
             p.requires_grad_(True)
@@ -257,7 +280,6 @@ class UNIT(Defense):
         def reg_value() -> float:
             return sum(p.detach().clamp(min=0).mean().item() for p in params)
 
-        base = accuracy(model, x_val, y_val, batch_size=self.chunk, device=dev)
         threshold = base - self.degradation
 
         # Candidates are judged on the bounds that were validated (the official code keeps the bounds from before
@@ -320,6 +342,7 @@ class UNIT(Defense):
             p.requires_grad_(False)
         final_acc = val_acc()
         bounded.train_with_clip = False
+        bounded.gate_temperature = {}
         self.report = {
             "base_val_acc": base,
             "threshold": threshold,
