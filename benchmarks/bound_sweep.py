@@ -1,0 +1,93 @@
+"""Why clipping removes some backdoors and not others: accuracy and ASR of a cached backdoored model under fixed
+bounds at mean + k * std of the defender's clean activations (no optimisation), for all layers at once, for one
+layer at a time, and with rejection on the last bounded layer.
+
+An analysis, not a defense: it reads test images to show the trade-off curve, which no defense in unitlib does.
+
+    python benchmarks/bound_sweep.py --attack blend [--profile cpu] [--out benchmarks/out/bound-sweep-blend.json]
+
+The backdoored model must be in the cache (run ``python -m unitlib run`` for the attack first)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unitlib import config, data, experiment, results
+from unitlib.defenses.unit import BoundedModel, _collect, _float, activation_sites
+from unitlib.metrics import accuracy
+from unitlib.train import augment
+
+
+def sweep(attack: str, profile: str, n_test: int) -> dict:
+    exp = config.profile(profile, attack=attack)
+    path = results.model_path(exp)
+    if not path.exists():
+        sys.exit(f"no cached model for {attack} at profile {profile}: run "
+                 f"`python -m unitlib run --profile {profile} --attack {attack}` first")
+    ds = data.load(exp.dataset, size=exp.train_size)
+    atk = exp.make_attack()
+    x_train = data.to_float(ds.x_train)
+    atk.prepare(x_train, ds.y_train, device="cpu", progress=False)
+    poisoned = atk.poison(x_train, ds.y_train)
+    model = results.load_model(experiment.build_model(exp, ds), path).eval()
+    opt_idx, val_idx = data.defense_split(ds.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    # the same statistics UNIT starts from: the augmented optimise split
+    x_opt = augment(_float(ds.x_train[opt_idx]), crop=4, flip=True, generator=torch.Generator().manual_seed(0))
+    x_val, y_val = _float(ds.x_train[val_idx]), ds.y_train[val_idx]
+    pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(1))[:n_test]
+    x_test, y_test = data.to_float(ds.x_test[pick]), ds.y_test[pick]
+    x_trig = atk.apply(x_test[y_test != exp.target])
+    y_trig = torch.full((len(x_trig),), exp.target)
+
+    sites = activation_sites(model, x_opt[:2])
+    stats = _collect(model, sites, x_opt, 500)
+    n = len(x_opt)
+    mean = {s: stats[s][0] / n for s in sites}
+    std = {s: ((stats[s][1] - n * mean[s] ** 2) / (n - 1)).clamp(min=0).sqrt() for s in sites}
+
+    def measure(label: str, layers: list[str], k: float, mode: str = "clip") -> dict:
+        bounded = BoundedModel(model, {s: mean[s] + k * std[s] for s in layers}, mode).eval()
+        row = {"bounds": label, "k": k, "mode": mode,
+               "val_acc": accuracy(bounded, x_val, y_val, batch_size=500),
+               "test_acc": accuracy(bounded, x_test, y_test, batch_size=500),
+               "asr": accuracy(bounded, x_trig, y_trig, batch_size=500)}
+        for h in bounded._handles:
+            h.remove()
+        print(f"{label:28s} {mode:6s} k={k:<5} val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  "
+              f"asr {row['asr']:.3f}", flush=True)
+        return row
+
+    rows = [measure("none", [], 0.0)]
+    rows += [measure("all layers", sites, k) for k in (4, 3, 2, 1.5, 1)]
+    rows += [measure(s, [s], k) for s in sites for k in (1, 0)]
+    rows += [measure(sites[-1], [sites[-1]], k, "reject") for k in (5, 4, 3)]
+    rows += [measure("all layers", sites, k, "reject") for k in (6, 5, 4)]
+    return {"attack": attack, "profile": profile, "dataset": exp.dataset, "model_key": exp.model_key(),
+            "n_test": n_test, "n_trigger": len(x_trig), "sites": sites, "rows": rows,
+            "provenance": results.provenance(torch.device("cpu"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attack", required=True)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--n-test", type=int, default=2000, help="test images sampled (seeded)")
+    parser.add_argument("--out", help="JSON output (default: benchmarks/out/bound-sweep-<attack>.json)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    out = sweep(args.attack, args.profile, args.n_test)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    path = Path(args.out or Path(__file__).parent / "out" / f"bound-sweep-{args.attack}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"written: {path} ({out['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
