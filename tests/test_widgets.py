@@ -37,6 +37,18 @@ def test_cells_map_onto_experiments_that_match_unnamed_defaults():
     assert sec.experiment(report.Cell({}, "COMBAT", "UNIT")) is None or "combat" in paper.ATTACKS["COMBAT"]
 
 
+def test_attacks_that_cannot_use_the_fixed_rate_get_their_own():
+    sec = report.Section(profile="cpu")
+    rate = lambda attack, **changes: sec.experiment(report.Cell({}, attack, "UNIT", changes=changes)).poison_rate  # noqa: E731
+    assert rate("BadNets") == 0.1 and rate("Blend") == 0.1
+    assert rate("SIG") == rate("Reflection") == rate("CL") == 0.08
+    assert rate("Adap-Blend") == 0.003 and rate("NARCISSUS") == 0.0005
+    assert rate("SIG", poison_rate=0.01) == 0.01  # a cell's own rate (Table 9) wins
+    # the committed clean-label records are found for the appendix's rows
+    table = sec.compare(appendix.no_defense(sec), log=lambda *a: None).set_index("attack")
+    assert table.loc["SIG", "status"] == report.REPRODUCED and "0.08" in table.loc["SIG", "ours: measured at"]
+
+
 def test_compare_labels_ours_and_the_paper_and_lists_gaps(tmp_path):
     sec = report.Section(profile="cpu", results_dir=str(tmp_path))
     table = sec.compare(appendix.table8(sec), log=lambda *a: None)

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 __all__ = [
-    "ATTACKS", "CITATIONS", "DEFENSES", "PAPER_SETTING", "TABLES", "cite", "defaults", "defense_name", "paper_name", "registry_name",
+    "ATTACKS", "CITATIONS", "DEFENSES", "PAPER_SETTING", "POISON_RATES", "TABLES", "cite", "defaults", "defense_name", "paper_name", "registry_name",
     "reported", "table", "text_numbers",
 ]
 
@@ -74,6 +74,19 @@ DEFENSES: dict[str, tuple[str, ...]] = {
     "FT-SAM": ("ftsam", "ft-sam", "ft_sam"),
     "Super-FT": ("superft", "super-ft", "super_ft"),
     "UNIT": ("unit",),
+}
+
+# Poisoning rates (fractions of the training set) for the attacks that cannot use the appendix's fixed 10% (A.1),
+# keyed by the appendix's names. Clean-label attacks only poison target-class images, a tenth of CIFAR-10: at 10%
+# every one of them would be poisoned and the defender's clean split would hold none; the UNIT authors' companion
+# code poisons Reflection and SIG at 8%, and CL is given the same. Adap-Blend and NARCISSUS are low-rate attacks by
+# design: their own papers' rates (0.3% and 0.05%).
+POISON_RATES: dict[str, float] = {
+    "CL": 0.08,
+    "Reflection": 0.08,
+    "SIG": 0.08,
+    "Adap-Blend": 0.003,
+    "NARCISSUS": 0.0005,
 }
 
 # Columns that describe a measurement, not its setting.

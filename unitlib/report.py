@@ -194,6 +194,9 @@ class Section:
             # The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole
             # set would take every target-class image and leave the defender none. Half of them at smoke.
             changes.setdefault("poison_rate", min(base.poison_rate, 0.05))
+        elif cell.attack in paper.POISON_RATES:
+            # the attacks that cannot use the appendix's fixed 10% (a cell that sets its own rate keeps it)
+            changes.setdefault("poison_rate", paper.POISON_RATES[cell.attack])
         return base.replace(attack=attack, defense=defense, defense_params=params, seed=seed, **changes)
 
     def record_dirs(self) -> list[Path]:
@@ -306,7 +309,10 @@ def _why_missing(cell: Cell) -> str:
 
 def _setting(config: dict[str, Any]) -> str:
     model = config["model"] + (f" (width {config['width']})" if config.get("width") else "")
-    return f"{config['profile']}: {config['dataset']}, {model}"
+    base = profile(config["profile"]).poison_rate if config["profile"] in PROFILES else None
+    rate = config.get("poison_rate")
+    poison = f", poison rate {rate:g}" if rate is not None and rate != base else ""
+    return f"{config['profile']}: {config['dataset']}, {model}{poison}"
 
 
 def _as_tuple(value: Any) -> tuple:
