@@ -58,7 +58,10 @@ class Refool(Attack):
     Deviation: the paper also selects, over several rounds, the reflections that work best on a surrogate model
     (its "adversarial reflection images"); here every image of the pool is used. The test-time trigger is the same
     process (a random reflection per test image). The UNIT authors' companion code poisons 8% of the training set
-    for Reflection (pass ``poison_rate``)."""
+    for Reflection (pass ``poison_rate``), with a single fixed reflection photo blended in focus, weighted by the
+    two images' mean brightness; ``reflections=("coffee",), crops=1, kinds=("in-focus",), alpha_range=(0.5, 0.5)``
+    comes close. At the ``cpu`` profile that variant reaches 99.41% ASR, the default pool 22.40% (records in
+    ``results/``)."""
 
     name = "refool"
     clean_label = True
