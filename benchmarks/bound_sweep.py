@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from unitlib import config, data, experiment, results
-from unitlib.defenses.unit import BoundedModel, _collect, _float, activation_sites
+from unitlib.defenses.unit import BoundedModel, _collect, _float, activation_sites, moments
 from unitlib.metrics import accuracy
 from unitlib.train import augment
 
@@ -47,9 +47,9 @@ def sweep(attack: str, profile: str, n_test: int) -> dict:
 
     sites = activation_sites(model, x_opt[:2])
     stats = _collect(model, sites, x_opt, 500)
-    n = len(x_opt)
-    mean = {s: stats[s][0] / n for s in sites}
-    std = {s: ((stats[s][1] - n * mean[s] ** 2) / (n - 1)).clamp(min=0).sqrt() for s in sites}
+    mean, std = {}, {}
+    for s in sites:
+        mean[s], std[s] = moments(*stats[s], len(x_opt))
 
     def measure(label: str, layers: list[str], k: float, mode: str = "clip") -> dict:
         bounded = BoundedModel(model, {s: mean[s] + k * std[s] for s in layers}, mode).eval()

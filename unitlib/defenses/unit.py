@@ -146,6 +146,13 @@ def _collect(model: nn.Module, names: list[str], x: torch.Tensor, chunk: int) ->
     return stats
 
 
+def moments(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std (as ``torch.std``) from sums of values and of their squares over ``count`` samples."""
+    mean = total / count
+    var = ((total_sq - count * mean * mean) / max(count - 1, 1)).clamp(min=0)
+    return mean, var.sqrt()
+
+
 @register
 @dataclass
 class UNIT(Defense):
@@ -251,12 +258,11 @@ class UNIT(Defense):
                 # one bound per channel: statistics over samples and spatial positions
                 count *= s[0].numel()
                 s, sq = s.sum((1, 2)), sq.sum((1, 2))
-            mean = s / count
-            var = ((sq - count * mean * mean) / max(count - 1, 1)).clamp(min=0)  # unbiased, as torch.std
-            b = mean + self.init_std * var.sqrt()
+            mean, std = moments(s, sq, count)
+            b = mean + self.init_std * std
             per_channel = b.ndim == 1 and stats[name][0].ndim == 3
             bounds[name] = b[:, None, None] if per_channel else b
-            stds[name] = var.sqrt()[:, None, None] if per_channel else var.sqrt()
+            stds[name] = std[:, None, None] if per_channel else std
 
         bounded = BoundedModel(model, bounds, self.mode).to(dev)
         bounded.train_with_clip = True
