@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[book,test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+	@date -u +"[make] %H:%M:%S installed into $(VENV)"
 
 test: $(STAMP)
+	@date -u +"[make] %H:%M:%S running the tests"
 	$(PY) -m pytest -q
 
 # The book: execute every page and section with papermill (NB_TIMEOUT seconds per cell) into build/, then

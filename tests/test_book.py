@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import socketserver
 import threading
@@ -19,6 +20,19 @@ import pytest
 from unitlib import book
 
 SCREENSHOTS = book.BUILD / "screenshots"
+
+
+# -- fetching the JavaScript never hangs the build -----------------------------------------------------------------------
+@pytest.mark.parametrize("script, message", [("sleep 30", "did not finish within 1 s"),
+                                             ("echo registry down >&2; exit 7", "failed (exit 7): registry down")])
+def test_npm_that_hangs_or_fails_gives_a_clear_error(tmp_path, monkeypatch, script, message):
+    fake = tmp_path / "npm"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(book.shutil, "which", lambda name: str(fake) if name == "npm" else shutil.which(name))
+    monkeypatch.setattr(book, "NPM_TIMEOUT", 1)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        book.assets(tmp_path / "vendor")
 
 
 # -- every notebook at the smoke profile ------------------------------------------------------------------------------

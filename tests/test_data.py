@@ -180,6 +180,24 @@ def test_jpeg_decodes_in_worker_processes(tmp_path, monkeypatch):
         assert pools[0] is not None
 
 
+def test_no_worker_processes_forked_beside_other_threads():
+    # A Jupyter kernel runs I/O threads; a forked child could block on a lock one of them held. Decode in-process.
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        assert data._start_pool() is None
+    finally:
+        stop.set()
+        thread.join()
+    if sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1:
+        pool = data._start_pool()
+        assert pool is not None
+        pool.shutdown()
+
+
 def test_jpeg_damaged_archive(tmp_path):
     (tmp_path / "cifar10-jpeg.tar.xz").write_bytes(b"not an archive at all")
     with pytest.raises(ValueError, match="not a readable tar archive"):

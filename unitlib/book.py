@@ -59,6 +59,8 @@ WIDGETS_CONFIG_JS = (
     "  window.require.config({baseUrl: here});\n"
     "})();\n"
 )
+NPM_TIMEOUT = 600  # seconds for fetching the pages' JavaScript
+RENDER_TIMEOUT = 1800  # seconds for jupyter-book's render of the executed notebooks (about 10 s here)
 DEFAULT_TIMEOUT = 900  # seconds per cell: generous for the smoke profile on two busy cores, finite so nothing hangs
 
 
@@ -102,8 +104,18 @@ def assets(vendor: Path = VENDOR) -> Path:
     shutil.rmtree(vendor, ignore_errors=True)
     vendor.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([npm, "pack", "--silent", "--json", "--pack-destination", tmp, *NPM],
-                             check=True, capture_output=True, text=True).stdout
+        # Finite: npm's own retries are bounded by its fetch settings, and the whole fetch by NPM_TIMEOUT, so a
+        # registry that stops answering fails the build with a message instead of hanging it.
+        env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false",
+               "npm_config_audit": "false", "npm_config_fetch_timeout": "60000", "npm_config_fetch_retries": "3"}
+        try:
+            out = subprocess.run([npm, "pack", "--silent", "--json", "--pack-destination", tmp, *NPM], check=True,
+                                 capture_output=True, text=True, env=env, timeout=NPM_TIMEOUT).stdout
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"npm pack {' '.join(NPM)} did not finish within {NPM_TIMEOUT} s: is the npm "
+                               f"registry reachable? (npm config get registry)") from err
+        except subprocess.CalledProcessError as err:
+            raise RuntimeError(f"npm pack {' '.join(NPM)} failed (exit {err.returncode}): {err.stderr.strip()}") from err
         tarballs = [Path(tmp) / entry["filename"].replace("@", "").replace("/", "-") for entry in json.loads(out)]
         for spec, tarball in zip(NPM, tarballs, strict=True):
             if not tarball.exists():
@@ -129,7 +141,10 @@ def html(*, strict: bool = True) -> Path:
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "--builder", "html"]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    try:
+        subprocess.run(cmd, check=True, cwd=ROOT, timeout=RENDER_TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"jupyter-book build did not finish within {RENDER_TIMEOUT} s") from err
     return HTML
 
 

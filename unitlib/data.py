@@ -21,6 +21,7 @@ import pickle
 import sys
 import tarfile
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -518,6 +519,15 @@ def _start_pool() -> ProcessPoolExecutor | None:
     # Linux fork only: spawn would re-run an unguarded script's top level (and import torch) in every worker,
     # and fork is unsafe on macOS.
     if cores < 2 or not sys.platform.startswith("linux"):
+        return None
+    # A forked child inherits other threads' locks but not the threads: in a process that runs threads (a Jupyter
+    # kernel's I/O threads, say) a child can wait forever on a lock that nothing will release. Decode in-process there.
+    # (tqdm's monitor thread is harmless: the children never touch tqdm.)
+    from tqdm._monitor import TMonitor
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not isinstance(t, TMonitor)]
+    if others:
+        log.info("decoding in this process: %d other thread(s) running, forking would be unsafe", len(others))
         return None
     try:
         return ProcessPoolExecutor(max_workers=min(cores, 8), mp_context=multiprocessing.get_context("fork"))
