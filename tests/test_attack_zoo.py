@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from test_attacks import _data, make
 
 from unitlib import attacks, data
 from unitlib.attacks import photos, surrogate
 from unitlib.attacks.refool import GAMMA
-
-from test_attacks import _data, make
 
 
 def test_sig_adds_a_horizontal_sinusoid_of_amplitude_delta():
@@ -126,7 +125,7 @@ def test_cl_perturbation_respects_eps_and_the_trigger_is_in_the_four_corners():
     # the perturbation raises the clean model's loss on the (true) target label
     model = atk.model(x, y)
     adv = atk.perturb(x[p.index], y[p.index])
-    loss = lambda z: torch.nn.functional.cross_entropy(model(z), y[p.index])  # noqa: E731
+    loss = lambda z: torch.nn.functional.cross_entropy(model(z), y[p.index])
     with torch.no_grad():
         assert loss(adv) > loss(x[p.index])
 

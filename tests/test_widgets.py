@@ -39,7 +39,7 @@ def test_cells_map_onto_experiments_that_match_unnamed_defaults():
 
 def test_attacks_that_cannot_use_the_fixed_rate_get_their_own():
     sec = report.Section(profile="cpu")
-    rate = lambda attack, **changes: sec.experiment(report.Cell({}, attack, "UNIT", changes=changes)).poison_rate  # noqa: E731
+    rate = lambda attack, **changes: sec.experiment(report.Cell({}, attack, "UNIT", changes=changes)).poison_rate
     assert rate("BadNets") == 0.1 and rate("Blend") == 0.1
     assert rate("SIG") == rate("Reflection") == rate("CL") == 0.08
     assert rate("Adap-Blend") == 0.003 and rate("NARCISSUS") == 0.0005

@@ -23,7 +23,7 @@ from . import attacks, defenses, paper
 from . import results as store
 from .config import PROFILES, Experiment, profile
 
-__all__ = ["Cell", "Outcome", "Section", "REPRODUCED", "NOT_RUN", "NOT_IMPLEMENTED"]
+__all__ = ["NOT_IMPLEMENTED", "NOT_RUN", "REPRODUCED", "Cell", "Outcome", "Section"]
 
 REPRODUCED = "reproduced"
 NOT_RUN = "not yet reproduced: not run at this profile"

@@ -22,13 +22,24 @@ import pandas as pd
 import torch
 
 from . import attacks, paper, plots
-from . import results as store
 from .report import RecordIndex, Section, _setting
 
 __all__ = [
-    "AttackView", "LayerView", "attack_explorer", "attack_panel", "attack_views", "layer_panel", "live_attack_explorer",
-    "first_image", "live_unit_explorer", "sensitivity_explorer", "sensitivity_panel", "stack_explorer", "trigger_gallery",
-    "unit_explorer", "unit_views",
+    "AttackView",
+    "LayerView",
+    "attack_explorer",
+    "attack_panel",
+    "attack_views",
+    "first_image",
+    "layer_panel",
+    "live_attack_explorer",
+    "live_unit_explorer",
+    "sensitivity_explorer",
+    "sensitivity_panel",
+    "stack_explorer",
+    "trigger_gallery",
+    "unit_explorer",
+    "unit_views",
 ]
 
 

@@ -106,7 +106,7 @@ class Refool(Attack):
     def draws(self, n: int) -> dict[str, torch.Tensor]:
         """Per-image random choices of one call (seeded: the same batch always gets the same reflections)."""
         g = self.generator(salt=32)
-        u = lambda r: r[0] + (r[1] - r[0]) * torch.rand(n, generator=g)  # noqa: E731
+        u = lambda r: r[0] + (r[1] - r[0]) * torch.rand(n, generator=g)
         return {
             "reflection": torch.randint(0, len(self.reflections) * self.crops, (n,), generator=g),
             "kind": torch.randint(0, len(self.kinds), (n,), generator=g),
