@@ -29,7 +29,9 @@ SCHEMA = 1
 
 
 def code_version() -> str:
-    """The git commit of the library (``+dirty`` when ``unitlib/`` has uncommitted changes), or ``unknown``."""
+    """The git commit of the library (``+dirty`` when ``unitlib/`` has uncommitted changes); where the code runs from
+    a copy without git metadata (a remote machine given the working tree), ``$UNITLIB_CODE_VERSION`` with
+    `` (copy)`` appended, else ``unknown``."""
     try:
         run = lambda *a: subprocess.run(
             ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -38,7 +40,8 @@ def code_version() -> str:
         dirty = run("status", "--porcelain", "--", "unitlib")
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        declared = os.environ.get("UNITLIB_CODE_VERSION", "").strip()
+        return f"{declared} (copy)" if declared else "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +60,39 @@ class Recipe:
 
 def augment(x: torch.Tensor, crop: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop after ``crop`` pixels of reflect padding and random horizontal flip, for a whole batch at once."""
+    return apply_augment(x, crop, *draw_augment(len(x), crop, flip, generator))
+
+
+def draw_augment(
+    n: int, crop: int, flip: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of :func:`augment` for ``n`` images, on the CPU: row and column shifts, flip mask."""
+    dy = dx = mask = None
+    if crop:
+        dy = torch.randint(0, 2 * crop + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * crop + 1, (n,), generator=generator)
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, mask
+
+
+def apply_augment(
+    x: torch.Tensor, crop: int, dy: torch.Tensor | None, dx: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Crop and flip ``x`` as drawn by :func:`draw_augment` (the draws may already live on ``x``'s device)."""
     n, _, h, w = x.shape
     dev = x.device
     if crop:
+        assert dy is not None and dx is not None
         padded = F.pad(x, (crop, crop, crop, crop), mode="reflect")
-        dy = torch.randint(0, 2 * crop + 1, (n,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * crop + 1, (n,), generator=generator).to(dev)
+        dy, dx = dy.to(dev), dx.to(dev)
         rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]
         cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :]
         batch = torch.arange(n, device=dev)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
         x = padded[batch, chans, rows, cols]
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
+    if mask is not None:
+        mask = mask.to(dev)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
 
@@ -157,16 +178,48 @@ def fit(
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc="train", unit="step", disable=not progress)
+    with _cudnn_benchmark(dev.type == "cuda"):
+        _epochs(model, x, y, recipe, opt, gen, start, steps_per_epoch, total, dev, ckpt, bar, channels_last)
+    bar.close()
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """Let cuDNN time its convolution algorithms (the shapes repeat every step), then restore the setting."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _epochs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, opt: torch.optim.Optimizer,
+    gen: torch.Generator, start: int, steps_per_epoch: int, total: int, dev: torch.device, ckpt: Path | None,
+    bar: tqdm, channels_last: bool,
+) -> None:
+    n = len(x)
     for epoch in range(start, recipe.epochs):
         model.train()
-        perm = torch.randperm(n, generator=gen).to(dev)
-        seen, correct, loss_sum = 0, 0, 0.0
+        perm = torch.randperm(n, generator=gen)
+        # The epoch's augmentation draws, in the order augment() would make them batch by batch, moved to the device
+        # in one copy: a copy from pageable memory per step would make the host wait for the GPU at every step.
+        draws = [draw_augment(len(perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]), recipe.crop,
+                              recipe.flip, gen) for i in range(steps_per_epoch)]
+        dys, dxs, masks = (torch.cat(d).to(dev) if d[0] is not None else None for d in zip(*draws))
+        perm = perm.to(dev)
+        seen = 0
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        loss_sum = torch.zeros((), device=dev)
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = recipe.lr_at(step / total)
-            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            xb = augment(x[idx], recipe.crop, recipe.flip, gen)
+            sl = slice(i * recipe.batch_size, (i + 1) * recipe.batch_size)
+            idx = perm[sl]
+            xb = apply_augment(x[idx], recipe.crop, *(d[sl] if d is not None else None for d in (dys, dxs, masks)))
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(dev):
@@ -176,14 +229,14 @@ def fit(
             loss.backward()
             opt.step()
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (out.argmax(1) == y[idx]).sum().item()
+            loss_sum += loss.detach().float() * len(idx)
+            correct += (out.argmax(1) == y[idx]).sum()
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            # Reading the running numbers waits for the device: do it now and then, not at every step.
+            if i % 50 == 49 or i == steps_per_epoch - 1:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         if ckpt is not None:
             _save_checkpoint(ckpt, model, opt, epoch + 1, gen)
-    bar.close()
-    return model.eval()
 
 
-__all__ = ["Recipe", "augment", "autocast", "fit", "resolve_device"]
+__all__ = ["Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]
