@@ -33,13 +33,13 @@ def test_provenance_fields():
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", p["code_version"])
 
 
-def test_code_version_without_git(tmp_path, monkeypatch):
+def test_code_version_without_git_or_declared(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "REPO_ROOT", tmp_path)  # a copy of the tree without .git
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     monkeypatch.delenv("UNITLIB_CODE_VERSION", raising=False)
     assert results.code_version() == "unknown"
     monkeypatch.setenv("UNITLIB_CODE_VERSION", "0123abc")
-    assert results.code_version() == "0123abc (copy)"
+    assert results.code_version() == "0123abc (declared)"
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):

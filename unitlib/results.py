@@ -29,9 +29,12 @@ SCHEMA = 1
 
 
 def code_version() -> str:
-    """The git commit of the library (``+dirty`` when ``unitlib/`` has uncommitted changes); where the code runs from
-    a copy without git metadata (a remote machine given the working tree), ``$UNITLIB_CODE_VERSION`` with
-    `` (copy)`` appended, else ``unknown``."""
+    """The git commit of the library (``+dirty`` when ``unitlib/`` has uncommitted changes), or ``unknown``. A runner
+    that executes a copy of a committed tree elsewhere (a remote GPU machine, whose copy may carry stale or no git
+    metadata) declares the commit in ``$UNITLIB_CODE_VERSION``; it wins, marked `` (declared)``."""
+    declared = os.environ.get("UNITLIB_CODE_VERSION", "").strip()
+    if declared:
+        return f"{declared} (declared)"
     try:
         run = lambda *a: subprocess.run(
             ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -40,8 +43,7 @@ def code_version() -> str:
         dirty = run("status", "--porcelain", "--", "unitlib")
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        declared = os.environ.get("UNITLIB_CODE_VERSION", "").strip()
-        return f"{declared} (copy)" if declared else "unknown"
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
