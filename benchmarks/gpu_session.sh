@@ -7,9 +7,12 @@
 # `prepare` copies the cifar10-jpeg archive, pilgram (a pure-Python wheel) and scikit-image's bundled photos (for a
 # machine whose Python lacks them), and the commit to declare as the records' code version (commit first).
 # `run` decodes the data once, then runs the jobs through benchmarks/paper_gpu.py with a deadline, then (if time is
-# left) the GPU benchmark. On one H200 a paper-profile job takes about 400-430 s alone, so with the default
-# PARALLEL=1 a 10-minute call fits BadNets + UNIT; later jobs start only if they fit. Environment knobs: DEADLINE
-# (s, default 540) for the jobs, LIMIT (s, default 590) for everything, PARALLEL, JOBS (job specs, one per line).
+# left) the GPU benchmark. Measured on one H200: a paper-profile job (39,100 steps) trains at 91-100 steps/s alone
+# (Python-bound: the GPU is busy about a third of the time), four side by side at 62-86 steps/s each (the GPU is then
+# saturated, about 260 steps/s in all). So a 10-minute call fits two jobs side by side (about 450 s each), with the
+# data decoded first (about 35 s); the default PARALLEL=2 runs BadNets and Blend, the next jobs start only if they
+# fit. Environment knobs: DEADLINE (s, default 560) for the jobs, LIMIT (s, default 590) for everything, PARALLEL,
+# JOBS (job specs for benchmarks/paper_gpu.py, one per line, highest priority first).
 set -u
 cd "$(dirname "$0")/.."
 DEV=build/dev
@@ -52,12 +55,12 @@ import time; t = time.time()
 from unitlib import data; d = data.load('cifar10-jpeg'); print(d, f'{time.time() - t:.1f} s')" > "$OUT/logs/data.log" 2>&1
   echo "data ready at $(( $(date +%s) - T0 )) s" >> "$OUT/env.txt"
   JOBS=${JOBS:-"badnets
-clean:--attack badnets --set poison_rate=0 --defense none
 blend
+clean:--attack badnets --set poison_rate=0 --defense none
 wanet"}
   ARGS=()
   while IFS= read -r job; do [ -n "$job" ] && ARGS+=(--job "$job"); done <<< "$JOBS"
-  python3 benchmarks/paper_gpu.py --deadline $(( ${DEADLINE:-540} - $(date +%s) + T0 )) --parallel "${PARALLEL:-1}" \
+  python3 benchmarks/paper_gpu.py --deadline $(( ${DEADLINE:-560} - $(date +%s) + T0 )) --parallel "${PARALLEL:-2}" \
     --common "--set dataset=cifar10-jpeg" --results "$OUT/results" --logs "$OUT/logs" "${ARGS[@]}" > "$OUT/driver.log" 2>&1
   LEFT=$(( ${LIMIT:-590} - $(date +%s) + T0 ))
   echo "jobs done at $(( $(date +%s) - T0 )) s" >> "$OUT/env.txt"
