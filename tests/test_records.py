@@ -4,6 +4,7 @@ configuration) and meet the expectations the foundation issue set for the `cpu` 
 import pytest
 
 from unitlib import results
+from unitlib.config import profile
 
 RECORDS = results.load_all()
 
@@ -38,6 +39,7 @@ CPU_UNIT = [
                  if (r.config["attack"], r.config["model"]) in SHORTFALL else [], id=r.filename())
     for r in RECORDS
     if r.config["profile"] == "cpu" and r.config["defense"] == "unit" and r.config["attack"] in ("badnets", "blend")
+    and r.config["poison_rate"] == profile("cpu").poison_rate  # the bar's setting; other rates are studies
 ]
 
 
@@ -48,3 +50,40 @@ def test_cpu_profile_unit_meets_the_bar(rec):
     assert before["asr"] >= 0.90
     assert after["asr"] <= 0.10
     assert before["clean_acc"] - after["clean_acc"] <= 0.03
+
+
+# The attack zoo's bar at the `cpu` profile: some record of each attack whose undefended model keeps its clean
+# accuracy within 2 points of the clean model trained the same way (same seed and model, poison rate 0) and reaches
+# 90% ASR. Strict xfails: the day a record meets the bar, the test fails until the mark is removed.
+ZOO_SHORTFALL = {
+    "wanet": "costs 3.79 points of clean accuracy at 0.1 (92.03% ASR); at 0.05, 2.67 points and 36.16% ASR",
+    "adap-blend": "not learned in 6 epochs: 1.24% ASR at the paper's 0.003, 2.01% at 0.02",
+}
+ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
+
+
+def _clean_accuracy(rec):
+    c = rec.config
+    for r in RECORDS:
+        d = r.config
+        if (d["profile"], d["dataset"], d["poison_rate"], d["seed"], d["model"], d["width"], d["epochs"]) == (
+                c["profile"], c["dataset"], 0.0, c["seed"], c["model"], c["width"], c["epochs"]):
+            return r.metrics["before"]["clean_acc"]
+    return None
+
+
+@pytest.mark.parametrize("attack", [
+    pytest.param(a, marks=[pytest.mark.xfail(strict=True, reason=ZOO_SHORTFALL[a])] if a in ZOO_SHORTFALL else [])
+    for a in ZOO
+])
+def test_cpu_profile_attack_meets_the_bar(attack):
+    found = []
+    for rec in RECORDS:
+        if rec.config["profile"] != "cpu" or rec.config["attack"] != attack or not rec.config["poison_rate"]:
+            continue
+        clean = _clean_accuracy(rec)
+        before = rec.metrics["before"]
+        found.append((rec.filename(), clean, before["clean_acc"], before["asr"]))
+        if clean is not None and clean - before["clean_acc"] <= 0.02 and before["asr"] >= 0.90:
+            return
+    pytest.fail(f"no {attack} record within 2 points of its clean model with ASR >= 90%: {found}")
