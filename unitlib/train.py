@@ -206,8 +206,8 @@ def _epochs(
         perm = torch.randperm(n, generator=gen)
         # The epoch's augmentation draws, in the order augment() would make them batch by batch, moved to the device
         # in one copy: a copy from pageable memory per step would make the host wait for the GPU at every step.
-        draws = [draw_augment(len(perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]), recipe.crop,
-                              recipe.flip, gen) for i in range(steps_per_epoch)]
+        bs = recipe.batch_size
+        draws = [draw_augment(min(bs, n - i * bs), recipe.crop, recipe.flip, gen) for i in range(steps_per_epoch)]
         dys, dxs, masks = (torch.cat(d).to(dev) if d[0] is not None else None for d in zip(*draws))
         perm = perm.to(dev)
         seen = 0
