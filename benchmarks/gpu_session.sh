@@ -12,7 +12,7 @@
 # saturated, about 260 steps/s in all). So a 10-minute call fits two jobs side by side (about 450 s each), with the
 # data decoded first (about 35 s); the default PARALLEL=2 runs BadNets and Blend, the next jobs start only if they
 # fit. Environment knobs: DEADLINE (s, default 560) for the jobs, LIMIT (s, default 590) for everything, PARALLEL,
-# JOBS (job specs for benchmarks/paper_gpu.py, one per line, highest priority first); PROFILE and COMMON (arguments
+# TAIL (s a job needs after training, default 60), JOBS (job specs for benchmarks/paper_gpu.py, one per line, highest priority first); PROFILE and COMMON (arguments
 # for every job) let it be tried out here: PROFILE=smoke COMMON= JOBS=badnets DEADLINE=120 LIMIT=0 ... run.
 set -u
 cd "$(dirname "$0")/.."
@@ -61,7 +61,7 @@ clean:--attack badnets --set poison_rate=0 --defense none
 wanet"}
   ARGS=()
   while IFS= read -r job; do [ -n "$job" ] && ARGS+=(--job "$job"); done <<< "$JOBS"
-  python3 benchmarks/paper_gpu.py --deadline $(( ${DEADLINE:-560} - $(date +%s) + T0 )) --parallel "${PARALLEL:-2}" \
+  python3 benchmarks/paper_gpu.py --deadline $(( ${DEADLINE:-560} - $(date +%s) + T0 )) --parallel "${PARALLEL:-2}" --tail "${TAIL:-60}" \
     --profile "${PROFILE:-paper}" --common "${COMMON---set dataset=cifar10-jpeg}" --results "$OUT/results" --logs "$OUT/logs" "${ARGS[@]}" > "$OUT/driver.log" 2>&1
   LEFT=$(( ${LIMIT:-590} - $(date +%s) + T0 ))
   echo "jobs done at $(( $(date +%s) - T0 )) s" >> "$OUT/env.txt"
