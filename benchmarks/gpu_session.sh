@@ -7,10 +7,11 @@
 # `prepare` copies the cifar10-jpeg archive, pilgram (a pure-Python wheel) and scikit-image's bundled photos (for a
 # machine whose Python lacks them), and the commit to declare as the records' code version (commit first).
 # `run` decodes the data once, then runs the jobs through benchmarks/paper_gpu.py with a deadline, then (if time is
-# left) the GPU benchmark. Measured on one H200: a paper-profile job (39,100 steps) trains at 91-100 steps/s alone
-# (Python-bound: the GPU is busy about a third of the time), four side by side at 62-86 steps/s each (the GPU is then
-# saturated, about 260 steps/s in all). So a 10-minute call fits two jobs side by side (about 450 s each), with the
-# data decoded first (about 35 s); the default PARALLEL=2 runs BadNets and Blend, the next jobs start only if they
+# left) the GPU benchmark. Measured on one H200: a paper-profile job (39,100 steps) trains eagerly at 70-110 steps/s
+# (Python-bound: the GPU is busy 20-35% of the time), so a 10-minute call could not finish one; compiled into CUDA
+# graphs (`--compile reduce-overhead`, the default here through COMMON) it trains at about 268 steps/s after about
+# 45 s of compiling (benchmarks/train_step.py), about 3.5 minutes a job. The default PARALLEL=2 runs BadNets and
+# Blend side by side after the data is decoded (about 25 s); the next jobs start only if they
 # fit. Environment knobs: DEADLINE (s, default 560) for the jobs, LIMIT (s, default 590) for everything, PARALLEL,
 # TAIL (s a job needs after training, default 60), JOBS (job specs for benchmarks/paper_gpu.py, one per line, highest priority first); PROFILE and COMMON (arguments
 # for every job) let it be tried out here: PROFILE=smoke COMMON= JOBS=badnets DEADLINE=120 LIMIT=0 ... run.
@@ -62,7 +63,7 @@ wanet"}
   ARGS=()
   while IFS= read -r job; do [ -n "$job" ] && ARGS+=(--job "$job"); done <<< "$JOBS"
   python3 benchmarks/paper_gpu.py --deadline $(( ${DEADLINE:-560} - $(date +%s) + T0 )) --parallel "${PARALLEL:-2}" --tail "${TAIL:-60}" \
-    --profile "${PROFILE:-paper}" --common "${COMMON---set dataset=cifar10-jpeg}" --results "$OUT/results" --logs "$OUT/logs" "${ARGS[@]}" > "$OUT/driver.log" 2>&1
+    --profile "${PROFILE:-paper}" --common "${COMMON---set dataset=cifar10-jpeg --compile reduce-overhead}" --results "$OUT/results" --logs "$OUT/logs" "${ARGS[@]}" > "$OUT/driver.log" 2>&1
   LEFT=$(( ${LIMIT:-590} - $(date +%s) + T0 ))
   echo "jobs done at $(( $(date +%s) - T0 )) s" >> "$OUT/env.txt"
   if [ "$LEFT" -gt 30 ]; then

@@ -29,6 +29,18 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_unknown_compile_mode_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--profile", "smoke", "--compile", "fast"])
+    assert e.value.code == 2
+    assert "invalid choice: 'fast' (choose from" in capsys.readouterr().err
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'; valid choices: off, default, reduce-overhead"):
+        run(profile("smoke"), compile="fast", save=False)
+
+
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UNITLIB_DATA", str(tmp_path))
     code = main(["run", "--profile", "cpu", "--data-root", str(tmp_path / "nowhere"), "--no-save", "--quiet"])

@@ -48,6 +48,8 @@ def test_record_carries_provenance(runs):
 def test_second_run_reuses_the_cached_model(runs):
     (first,), (second,), _ = runs
     assert second.provenance["model_from_cache"] is True
+    # how the model's training steps ran travels with the cached model
+    assert first.provenance["compile"] == second.provenance["compile"] == "off"
     assert second.metrics["before"] == first.metrics["before"]
     # the undefended model's metrics are measured once per model file and reused
     assert first.provenance["before_from_cache"] is False and second.provenance["before_from_cache"] is True

@@ -72,3 +72,25 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
     resumed = fit(other_init, x, y, recipe, seed=1, progress=False, checkpoint=ckpt)
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_epoch_augmentation_in_chunks_matches_batch_by_batch():
+    # The whole epoch is augmented in chunks that do not line up with the batches; each batch must get exactly the
+    # pixels that augmenting it on its own with the same draws gives.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(70, 3, 8, 8, generator=g)
+    perm = torch.randperm(70, generator=g)
+    bs, crop = 16, 2
+    draws = [train.draw_augment(min(bs, 70 - i * bs), crop, True, g) for i in range(5)]
+    whole = train._augmented_epoch(x, perm, crop, draws, torch.device("cpu"), chunk=23)
+    for i, (dy, dx, mask) in enumerate(draws):
+        sl = slice(i * bs, (i + 1) * bs)
+        assert torch.equal(whole[sl], train.apply_augment(x[perm[sl]], crop, dy, dx, mask)), i
+
+
+def test_fit_calls_on_epoch_after_each_epoch():
+    x, y = _toy(64)
+    seen = []
+    fit(models.build("small-cnn", width=4, num_classes=2), x, y, Recipe(epochs=3, batch_size=32), progress=False,
+        on_epoch=seen.append)
+    assert seen == [1, 2, 3]

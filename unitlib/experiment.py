@@ -33,10 +33,11 @@ def build_model(exp: Experiment, dataset: data.Dataset) -> nn.Module:
 
 def backdoored_model(
     exp: Experiment, dataset: data.Dataset, poisoned_x: torch.Tensor, poisoned_y: torch.Tensor, *,
-    device: torch.device, progress: bool = True,
+    device: torch.device, progress: bool = True, compile: str = "off",
 ) -> tuple[nn.Module, dict[str, str] | None]:
-    """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached.
-    Returns the model and, when it came from the cache, the metadata saved with it (else ``None``)."""
+    """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached
+    (``compile``: one of :data:`COMPILE_MODES`, how the training steps run). Returns the model and, when it came
+    from the cache, the metadata saved with it (else ``None``)."""
     path = results.model_path(exp)
     model = build_model(exp, dataset)
     if path.exists():
@@ -45,15 +46,24 @@ def backdoored_model(
     checkpoint = path.with_suffix(".partial.safetensors")
     start = time.perf_counter()
     fit(model, poisoned_x, poisoned_y, exp.recipe(), device=device, seed=exp.seed, checkpoint=checkpoint,
-        progress=progress)
+        progress=progress, compile=_compile_arg(compile))
     # How the cached model was made travels with it, so records that reuse it can say so.
     results.save_model(model, path, metadata={
         "model_key": exp.model_key(), "config": json.dumps(exp.to_dict()),
         "train_seconds": f"{time.perf_counter() - start:.1f}", "device_name": results.device_name(device),
-        "code_version": results.code_version(),
+        "code_version": results.code_version(), "compile": compile,
     })
     checkpoint.unlink(missing_ok=True)
     return model.eval(), None
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
+def _compile_arg(mode: str) -> bool | str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; valid choices: {', '.join(COMPILE_MODES)}")
+    return False if mode == "off" else True if mode == "default" else mode
 
 
 def _evaluation_path(exp: Experiment):
@@ -93,9 +103,13 @@ def run(
     data_root: str | os.PathLike | None = None,
     progress: bool = True,
     save: bool = True,
+    compile: str = "off",
     log=print,
 ) -> results.Record:
-    """Run ``exp`` and (with ``save``) write its record. Prints each stage's metrics and time through ``log``."""
+    """Run ``exp`` and (with ``save``) write its record. Prints each stage's metrics and time through ``log``.
+    ``compile`` (one of :data:`COMPILE_MODES`) is how the backdoored model's training steps run: ``reduce-overhead``
+    (``torch.compile`` with CUDA graphs) trains the `paper` profile's ResNet-18 about 2.4x faster on a GPU."""
+    _compile_arg(compile)
     dev = resolve_device(device)
     origin = results.provenance(dev)  # taken first: the code version is the one that starts running
     seconds: dict[str, float] = {}
@@ -111,7 +125,8 @@ def run(
         attack.prepare(x_train, dataset.y_train, device=dev, progress=progress)
         poisoned = attack.poison(x_train, dataset.y_train)
     with _timer(seconds, "train"):
-        model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress)
+        model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress,
+                                              compile=compile)
     cached = cached_meta is not None
     log(f"backdoored model {'loaded from cache' if cached else 'trained'} in {seconds['train']:.1f}s")
     with _timer(seconds, "eval_before"):
@@ -140,6 +155,7 @@ def run(
         seconds=seconds,
         provenance={**origin, "dataset": exp.dataset, "model_key": exp.model_key(),
                     "model_from_cache": cached, "before_from_cache": before_cached,
+                    "compile": (cached_meta or {}).get("compile", "off") if cached else compile,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
                     "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},
         report={"resolved": {"attack": attack.params(), "defense": defense.params()}, **defense.report},
