@@ -87,6 +87,30 @@ def test_report_and_budget():
     assert r["threshold"] == pytest.approx(r["base_val_acc"] - 0.05)
     assert r["threshold_met"] and r["final_val_acc"] >= r["threshold"]
     assert len(r["history"]) == 8
+    assert r["budget_bound"] == any(h["val_acc"] < r["threshold"] for h in r["history"])
+
+
+def test_budget_bound_says_whether_the_budget_stopped_the_tightening():
+    from unitlib.train import Recipe, fit
+
+    # A model that has learned something (two classes told apart by the left half's brightness), so that
+    # tightening can cost accuracy.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(240, 3, 16, 16, generator=g) * 0.5
+    y = torch.arange(240) % 2
+    x[y == 1, :, :, :8] += 0.5
+    torch.manual_seed(0)
+    model = fit(models.build("small-cnn", width=4, num_classes=2), x[:160], y[:160],
+                Recipe(epochs=4, batch_size=32, lr=0.05, schedule="onecycle", crop=0), progress=False)
+    clean = CleanSplit(x[160:220], y[160:220], x[220:], y[220:])
+    # A huge lr drives the bounds to zero at the first step: validation accuracy falls to chance, below the threshold.
+    unit = UNIT(steps=3, lr=10.0, degradation=0.01, augment=False)
+    unit(model, clean, progress=False)
+    assert unit.report["base_val_acc"] >= 0.9 and unit.report["budget_bound"] is True
+    # With a budget of nearly all the accuracy, it never binds.
+    unit = UNIT(steps=3, lr=10.0, degradation=0.99, augment=False)
+    unit(model, clean, progress=False)
+    assert unit.report["budget_bound"] is False
 
 
 def test_save_and_load_roundtrip(tmp_path):

@@ -358,6 +358,9 @@ class UNIT(Defense):
             "sites": sites,
             "n_bounds": sum(p.numel() for p in params),
             "history": history,
+            # Whether the accuracy budget ever stopped the tightening. If not, the schedule ended first: more steps
+            # or a larger lr would tighten further within the same budget (known from the clean split alone).
+            "budget_bound": any(h["val_acc"] < threshold for h in history),
             "seconds_init": round(init_seconds, 3),
             "seconds_per_step": round(loop_seconds / self.steps, 4),
         }
