@@ -1,4 +1,5 @@
-"""The side-by-side job driver of benchmarks/paper_gpu.py: progress parsing, job specs, finish estimates."""
+"""The GPU-session scripts: benchmarks/paper_gpu.py (progress parsing, job specs, finish estimates) and
+benchmarks/train_step.py."""
 
 import importlib.util
 import sys
@@ -46,3 +47,13 @@ def test_eta_from_recent_rate(driver):
     assert job.eta(100.0, window=40, tail_s=5) is None  # under half a window of data
     job.history = [(60.0, 1000), (100.0, 1000)]
     assert job.eta(100.0, window=40, tail_s=5) == 5  # training done: only the tail is left
+
+
+def test_train_step_benchmark_measures_a_mode():
+    # benchmarks/train_step.py, the step-rate comparison of the training loop's modes, on a tiny CPU run.
+    spec = importlib.util.spec_from_file_location("train_step", PATH.parent / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.one("eager", "small-cnn", 4, n=80, batch=32, epochs=3, device="cpu")
+    assert row["mode"] == "eager" and row["device"] == "cpu" and row["steps_per_s"] > 0
+    assert row["images_per_s"] == pytest.approx(row["steps_per_s"] * 32, rel=0.01)
