@@ -58,7 +58,7 @@ def test_cpu_profile_unit_meets_the_bar(rec):
 ZOO_SHORTFALL = {
     "wanet": "costs 3.79 points of clean accuracy at 0.1 (92.03% ASR), 2.50 trained 12 epochs (97.41% ASR); at 0.05, "
              "2.67 points and 36.16% ASR",
-    "adap-blend": "not learned in 6 epochs: 1.24% ASR at the paper's 0.003, 2.01% at 0.02",
+    "adap-blend": "not learned: 1.24% ASR at the paper's 0.003, 2.01% at 0.02, 1.84% at 0.02 trained 12 epochs",
 }
 ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
 
