@@ -43,7 +43,10 @@ run)
   T0=$(date +%s)
   OUT=${OUT:-/tmp/devout}
   mkdir -p "$OUT/logs" "$OUT/results"
-  export UNITLIB_DATA=$PWD/$DEV/data UNITLIB_CACHE=$PWD/$DEV/cache OMP_NUM_THREADS=1
+  # The cache (decoded data, trained models, the per-epoch checkpoints of unfinished training) lives outside the
+  # carried build/dev, which each call replaces: on a machine still warm, a second call resumes a job that the first
+  # stopped from its last finished epoch, and reuses the models it finished.
+  export UNITLIB_DATA=$PWD/$DEV/data UNITLIB_CACHE=$PWD/build/gpu-cache OMP_NUM_THREADS=1
   export UNITLIB_CODE_VERSION=$(cat "$DEV/COMMIT")
   python3 -c "import pilgram" 2>/dev/null || export PYTHONPATH=$PWD/$DEV/pkgs${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import skimage.data" 2>/dev/null || export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/$DEV/shim
