@@ -56,8 +56,6 @@ def test_cpu_profile_unit_meets_the_bar(rec):
 # accuracy within 2 points of the clean model trained the same way (same seed and model, poison rate 0) and reaches
 # 90% ASR. Strict xfails: the day a record meets the bar, the test fails until the mark is removed.
 ZOO_SHORTFALL = {
-    "wanet": "costs 3.79 points of clean accuracy at 0.1 (92.03% ASR), 2.50 trained 12 epochs (97.41% ASR); at 0.05, "
-             "2.67 points and 36.16% ASR",
     "adap-blend": "not learned: 1.24% ASR at the paper's 0.003, 2.01% at 0.02, 1.84% at 0.02 trained 12 epochs",
 }
 ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
