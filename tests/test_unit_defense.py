@@ -212,3 +212,22 @@ def test_sigmoid_surrogate_is_what_unit_optimises():
         UNIT(surrogate="tanh")
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         UNIT(temperature=0)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_project_keeps_bounds_non_negative_between_steps(project, monkeypatch):
+    import unitlib.defenses.unit as unit_module
+
+    seen: list[float] = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, closure=None):
+            # the bounds as the previous step (and any projection after it) left them
+            seen.append(min(p.detach().min().item() for group in self.param_groups for p in group["params"]))
+            return super().step(closure)
+
+    monkeypatch.setattr(unit_module.torch.optim, "Adam", Recording)
+    UNIT(steps=4, lr=10.0, augment=False, project=project)(_model(), _clean(), progress=False)
+    assert len(seen) == 4
+    # lr 10 drives every unused bound far below 0 at the first step; only projection brings them back to 0
+    assert (min(seen[1:]) >= 0) is project

@@ -174,6 +174,9 @@ class UNIT(Defense):
     - ``freeze_weights``: skip weight gradients (the model is frozen; the official code computes them anyway).
     - ``augment``: random crop + flip of the optimise split, once, before optimisation (the official code augments
       the validation split as well; here validation sees the defender's images as they are).
+    - ``project``: after each step, set bounds below 0 to 0. The official code only clamps them in the forward
+      pass, where a bound pushed below 0 gets no gradient again and its unit stays switched off for good; projected,
+      it can still be loosened by the cross-entropy when the accuracy budget is crossed (matters at large ``lr``).
 
     Alpha's start (1e-3) and factors (x2 up, /2^1.5 down) are the official code's; its patience is 5 steps.
 
@@ -204,6 +207,7 @@ class UNIT(Defense):
     chunk: int = 500
     freeze_weights: bool = True
     augment: bool = True
+    project: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.degradation < 1:
@@ -312,6 +316,10 @@ class UNIT(Defense):
             reg = sum(p.clamp(min=0).mean() for p in params)
             (alpha * reg).backward()
             opt.step()
+            if self.project:
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(min=0)
             if step % self.val_every and step != self.steps:
                 continue
             acc, reg_now = val_acc(), reg_value()
