@@ -72,3 +72,19 @@ def test_saved_undefended_metrics_are_only_reused_for_the_same_model_file(tmp_pa
     assert cached_evaluation(profile("smoke", seed=1), ds) is None
     path.write_bytes(b"model two")  # retrained: the saved metrics no longer apply
     assert cached_evaluation(exp, ds) is None
+
+
+def test_run_warns_when_no_bounds_met_the_budget(tmp_path, monkeypatch):
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path / "cache"))
+    lines: list[str] = []
+    # Rejecting every activation above its clean mean wrecks accuracy, and with a zero budget no step recovers it.
+    exp = profile("smoke", defense_params={"mode": "reject", "init_std": 0.0, "degradation": 0.0, "steps": 1})
+    record = run(exp, save=False, progress=False, log=lines.append)
+    assert record.report["threshold_met"] is False
+    assert any(line.startswith("warning: no bounds unit tried kept validation accuracy") for line in lines)
+    lines.clear()
+    record = run(profile("smoke", defense_params={"steps": 1}), save=False, progress=False, log=lines.append)
+    assert record.report["threshold_met"] is True and not any(line.startswith("warning") for line in lines)

@@ -148,6 +148,11 @@ def run(
         after = evaluate(defended, dataset.x_test, dataset.y_test, attack, device=dev)
     log(f"after {exp.defense}: clean_acc {after['clean_acc']:.2%}  asr {after['asr']:.2%}  "
         f"({seconds['defense']:.1f}s)")
+    if defense.report.get("threshold_met") is False:
+        log(f"warning: no bounds {exp.defense} tried kept validation accuracy at or above "
+            f"{defense.report['threshold']:.2%} (the original model's {defense.report['base_val_acc']:.2%} minus the "
+            f"budget); it kept the bounds with the best validation accuracy, "
+            f"{defense.report['final_val_acc']:.2%}. Loosen the start (init_std) or raise the budget (degradation).")
     if defense.report.get("budget_bound") is False:
         log(f"note: the accuracy budget never stopped {exp.defense}'s tightening (validation accuracy stayed above "
             f"{defense.report['threshold']:.2%}); more steps or a larger lr would tighten further within it")
