@@ -28,28 +28,38 @@ def test_record_is_consistent(rec):
     assert all(v >= 0 for v in rec.seconds.values())
 
 
-# Blend at the `cpu` profile is a known shortfall: within a 2-3% accuracy budget UNIT leaves a high ASR on the
-# small CNN. Strict xfail: the day a record meets the bar, this test fails until the mark is removed.
-SHORTFALL = {
-    ("blend", "small-cnn"): "UNIT leaves Blend's ASR above 10% within budget on the cpu-profile small CNN",
-    ("blend", "resnet18"): "UNIT leaves Blend's ASR above 10% on a width-16 ResNet-18 trained 4 epochs (76.28% / 69.18%)",
-}
 CPU_UNIT = [
-    pytest.param(r, marks=[pytest.mark.xfail(strict=True, reason=SHORTFALL[r.config["attack"], r.config["model"]])]
-                 if (r.config["attack"], r.config["model"]) in SHORTFALL else [], id=r.filename())
-    for r in RECORDS
+    r for r in RECORDS
     if r.config["profile"] == "cpu" and r.config["defense"] == "unit" and r.config["attack"] in ("badnets", "blend")
     and r.config["poison_rate"] == profile("cpu").poison_rate  # the bar's setting; other rates are studies
 ]
 
 
-@pytest.mark.parametrize("rec", CPU_UNIT)
-def test_cpu_profile_unit_meets_the_bar(rec):
+def _meets_the_bar(rec) -> bool:
     before, after = rec.metrics["before"], rec.metrics["after"]
-    assert before["clean_acc"] >= 0.70
-    assert before["asr"] >= 0.90
-    assert after["asr"] <= 0.10
-    assert before["clean_acc"] - after["clean_acc"] <= 0.03
+    return (before["clean_acc"] >= 0.70 and before["asr"] >= 0.90 and after["asr"] <= 0.10
+            and before["clean_acc"] - after["clean_acc"] <= 0.03)
+
+
+@pytest.mark.parametrize("rec", [r for r in CPU_UNIT if r.config["attack"] == "badnets"], ids=lambda r: r.filename())
+def test_cpu_profile_unit_removes_badnets_in_every_record(rec):
+    assert _meets_the_bar(rec), rec.metrics
+
+
+# Blend is not removed by every UNIT setting at the `cpu` profile: clipping (the default) leaves 22-57% ASR within
+# the budget on the small CNN; rejection (Table 10's variant, sigmoid surrogate) brings it near or under 10%. The bar
+# asks for one record that meets it, and for clipping's shortfall to stay known: strict xfail, so the day a clipping
+# record meets the bar, the test fails until the mark is removed.
+@pytest.mark.parametrize("mode", [
+    "reject",
+    pytest.param("clip", marks=pytest.mark.xfail(strict=True, reason="clipping leaves Blend's ASR above 10% within "
+                                                 "the budget on the cpu-profile small CNN (best: 80.25 / 22.81)")),
+])
+def test_cpu_profile_unit_removes_blend_in_some_record(mode):
+    blend = [r for r in CPU_UNIT if r.config["attack"] == "blend"
+             and r.config["defense_params"].get("mode", "clip") == mode]
+    assert blend, f"no cpu-profile Blend record with UNIT in {mode} mode"
+    assert any(_meets_the_bar(r) for r in blend), [(r.filename(), r.metrics["after"]) for r in blend]
 
 
 # The attack zoo's bar at the `cpu` profile: some record of each attack whose undefended model keeps its clean
