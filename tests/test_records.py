@@ -41,8 +41,11 @@ def _meets_the_bar(rec) -> bool:
             and before["clean_acc"] - after["clean_acc"] <= 0.03)
 
 
-@pytest.mark.parametrize("rec", [r for r in CPU_UNIT if r.config["attack"] == "badnets"], ids=lambda r: r.filename())
-def test_cpu_profile_unit_removes_badnets_in_every_record(rec):
+@pytest.mark.parametrize("rec", [r for r in CPU_UNIT if r.config["attack"] == "badnets" and not r.config["defense_params"]],
+                         ids=lambda r: r.filename())
+def test_cpu_profile_default_unit_removes_badnets(rec):
+    # Every BadNets record of UNIT's default setting, whatever the seed. (Not every setting does: rejection with the
+    # official code's 3% budget removes it but costs 3.98 points of test accuracy.)
     assert _meets_the_bar(rec), rec.metrics
 
 
