@@ -182,7 +182,7 @@ class UNIT(Defense):
     - ``project``: after each step, set bounds below 0 to 0. The official code only clamps them in the forward
       pass, where a bound pushed below 0 gets no gradient again and its unit stays switched off for good; projected,
       it can still be loosened by the cross-entropy when the accuracy budget is crossed. On Blend at the `cpu`
-      profile with lr 5e-2 it did not help (80.53% / 32.33% against 80.25% / 22.81% unprojected).
+      profile with lr 5e-2 it kept the very same bounds as without (80.53% / 32.33% either way).
 
     Alpha's start (1e-3) and factors (x2 up, /2^1.5 down) are the official code's; its patience is 5 steps.
 
