@@ -77,6 +77,13 @@ def test_refool_reflections_are_bundled_photos():
     assert photos.photo("astronaut", 3, (32, 32)).shape == (3, 32, 32)
 
 
+def test_transparent_photo_is_laid_on_white():
+    logo = photos.photo("logo")  # RGBA: a round logo on a transparent square
+    assert logo.shape[0] == 3
+    assert torch.equal(logo[:, :5, :5], torch.ones(3, 5, 5))  # the transparent corner comes out white
+    assert logo.std() > 0.2  # the drawing itself is there
+
+
 def test_adap_blend_trains_on_half_the_pieces_and_tests_on_the_whole_trigger():
     atk = attacks.get("adap-blend", poison_rate=0.05)
     x, y = _data()
@@ -92,6 +99,14 @@ def test_adap_blend_trains_on_half_the_pieces_and_tests_on_the_whole_trigger():
         assert len(pieces[on & ~off].unique()) == 8  # 16 pieces, 8 masked out
     assert torch.allclose(atk.apply(x[:2]), 0.8 * x[:2] + 0.2 * key)  # full trigger, test alpha 0.2
     assert attacks.get("adap-blend").poison_rate == 0.003
+
+
+def test_adap_blend_noise_pattern_is_blends_key():
+    noise = attacks.get("adap-blend", pattern="noise", seed=3).key(3, 32, 32)
+    assert torch.equal(noise, attacks.get("blend", seed=3).key((3, 32, 32)))
+    assert not torch.equal(noise, attacks.get("adap-blend", pattern="noise", seed=4).key(3, 32, 32))
+    with pytest.raises(ValueError, match="unknown pattern 'kitty'; valid choices: noise, astronaut"):
+        attacks.get("adap-blend", pattern="kitty")
 
 
 def test_trojan_trigger_raises_the_chosen_neurons():

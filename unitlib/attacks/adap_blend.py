@@ -46,8 +46,8 @@ class AdapBlend(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.pattern not in photos.PHOTOS:
-            raise ValueError(f"unknown pattern photo {self.pattern!r}; valid choices: {', '.join(photos.PHOTOS)}")
+        if self.pattern != "noise" and self.pattern not in photos.PHOTOS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; valid choices: noise, {', '.join(photos.PHOTOS)}")
         side = math.isqrt(self.pieces)
         if self.pieces < 1 or side * side != self.pieces:
             raise ValueError(f"pieces must be a square number >= 1 (a grid), got {self.pieces!r}")
@@ -60,7 +60,9 @@ class AdapBlend(Attack):
             raise ValueError(f"cover_rate must be in [0, 1] or None, got {self.cover_rate!r}")
 
     def key(self, channels: int, height: int, width: int) -> torch.Tensor:
-        """The blend pattern, resized to the images."""
+        """The blend pattern, resized to the images; ``noise``: seeded uniform noise, as :class:`Blend`'s key."""
+        if self.pattern == "noise":
+            return torch.rand((channels, height, width), generator=self.generator(salt=11))
         return photos.photo(self.pattern, channels, (height, width))
 
     def piece_map(self, height: int, width: int) -> torch.Tensor:

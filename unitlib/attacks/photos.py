@@ -1,7 +1,7 @@
 """Natural photographs that ship inside the scikit-image wheel (its ``skimage/data`` folder: astronaut, camera,
 Chelsea the cat, coffee, ...), read straight from the installed files with PIL: no download, works offline. They
 stand in for the image sets attacks draw on that cannot be downloaded here (Refool's PASCAL VOC reflections,
-Adap-Blend's Hello Kitty blend pattern)."""
+Adap-Blend's Hello Kitty blend pattern). Images with transparency (the scikit-image logo) are laid on white."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 PHOTOS = {
     "astronaut": "astronaut.png", "brick": "brick.png", "camera": "camera.png", "chelsea": "chelsea.png",
     "clock": "clock_motion.png", "coffee": "coffee.png", "coins": "coins.png", "grass": "grass.png",
-    "gravel": "gravel.png", "hubble": "hubble_deep_field.jpg", "moon": "moon.png",
+    "gravel": "gravel.png", "hubble": "hubble_deep_field.jpg", "logo": "logo.png", "moon": "moon.png",
     "motorcycle": "motorcycle_left.png", "rocket": "rocket.jpg",
 }
 
@@ -36,7 +36,9 @@ def _read(name: str) -> torch.Tensor:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: scikit-image's bundled data was not installed with the wheel")
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        rgb = np.asarray(Image.alpha_composite(white, im).convert("RGB"))  # transparent parts on white
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
 
 
