@@ -119,7 +119,7 @@ def test_bad_input_errors():
     ("refool", {"alpha_range": (0.9, 0.1)}, "alpha_range must be a pair \\(low, high\\) with 0.0 <= low"),
     ("adap-blend", {"pieces": 15}, "pieces must be a square number >= 1.*got 15"),
     ("adap-blend", {"masked_pieces": 16}, "masked_pieces must be in \\[0, 15\\], got 16"),
-    ("adap-blend", {"pattern": "kitty"}, "unknown pattern photo 'kitty'; valid choices:"),
+    ("adap-blend", {"pattern": "kitty"}, "unknown pattern 'kitty'; valid choices: noise,"),
     ("trojan", {"area": 0.9}, "area must be in \\(0, 0.5\\].*got 0.9"),
     ("trojan", {"location": "centre"}, "unknown Trojan location 'centre'; valid choices: bottom-right"),
     ("cl", {"eps": 2}, "eps must be in \\[0, 1\\].*got 2"),

@@ -194,9 +194,9 @@ class Section:
             # The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole
             # set would take every target-class image and leave the defender none. Half of them at smoke.
             changes.setdefault("poison_rate", min(base.poison_rate, 0.05))
-        elif cell.attack in paper.POISON_RATES:
+        elif paper.poison_rate(cell.attack, self.profile) is not None:
             # the attacks that cannot use the appendix's fixed 10% (a cell that sets its own rate keeps it)
-            changes.setdefault("poison_rate", paper.POISON_RATES[cell.attack])
+            changes.setdefault("poison_rate", paper.poison_rate(cell.attack, self.profile))
         return base.replace(attack=attack, defense=defense, defense_params=params, seed=seed, **changes)
 
     def record_dirs(self) -> list[Path]:
