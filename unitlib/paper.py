@@ -91,10 +91,11 @@ POISON_RATES: dict[str, float] = {
 
 # Per-profile exceptions to POISON_RATES. The `cpu` profile's small CNN, trained 6 epochs, does not learn the two
 # low-rate attacks at their papers' rates (Adap-Blend: 1.93% ASR at 0.3%; NARCISSUS: 68.29% at 0.05%, 87.38% at
-# 0.2%); its rows use the lowest measured rates that plant them (Adap-Blend 2%: 81.23%, the paper 82.80%;
-# NARCISSUS 0.5%: 90.93%). The rate is printed beside every number measured at it.
+# 0.2%); its rows use the lowest measured rates that plant them on two seeds (Adap-Blend 5%: 99.98% and 99.99%, where
+# 2% gives 81.23% and 42.88%; NARCISSUS 0.5%: 90.93% and 96.98%). The rate is printed beside every number measured
+# at it.
 PROFILE_POISON_RATES: dict[str, dict[str, float]] = {
-    "cpu": {"Adap-Blend": 0.02, "NARCISSUS": 0.005},
+    "cpu": {"Adap-Blend": 0.05, "NARCISSUS": 0.005},
 }
 
 
