@@ -104,6 +104,7 @@ def poison_rate(attack: str, profile: str) -> float | None:
     profile's own (the appendix's 10%)."""
     return PROFILE_POISON_RATES.get(profile, {}).get(attack, POISON_RATES.get(attack))
 
+
 # Columns that describe a measurement, not its setting.
 _VALUE_COLUMNS = ("table", "metric", "value", "status")
 

@@ -30,10 +30,10 @@ class AdapBlend(Attack):
     and 1.96% at 0.02 (1.91% trained 12 epochs; 2.08% even with no regularisation samples), the scikit-image logo
     2.79% at 0.02. The noise key is learned, but not at the paper's 0.003 (1.93%): at 0.02, 81.23% and 42.88% on
     two seeds (the paper: 82.80%), at 0.05 99.98% and 99.99%. The class default ``poison_rate`` is the paper's
-    0.003, which the book's rows use at the ``paper`` profile; at ``cpu`` they use 0.05 (``paper.poison_rate``). An ``Experiment`` passes its own
-    ``poison_rate``. Payload samples are drawn from non-target classes and relabelled; regularisation samples from
-    any class except the payload, labels kept; :class:`Poisoned` reports both in ``index`` and the regularisation
-    samples in ``cover``."""
+    0.003, which the book's rows use at the ``paper`` profile; at ``cpu`` they use 0.05 (``paper.poison_rate``).
+    An ``Experiment`` passes its own ``poison_rate``. Payload samples are drawn from non-target classes and
+    relabelled; regularisation samples from any class except the payload, labels kept; :class:`Poisoned` reports
+    both in ``index`` and the regularisation samples in ``cover``."""
 
     name = "adap-blend"
     citation = "Qi, Xie, Li, Mahloujifar and Mittal, Revisiting the Assumption of Latent Separability for Backdoor Defenses, ICLR 2023"
