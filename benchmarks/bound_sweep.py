@@ -11,6 +11,7 @@ The backdoored model must be in the cache (run ``python -m unitlib run`` for the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -19,18 +20,18 @@ from pathlib import Path
 import torch
 
 from unitlib import config, data, experiment, results
-from unitlib.defenses.unit import BoundedModel, _collect, _float, activation_sites, moments
+from unitlib.defenses.unit import BoundedModel, _float, clean_statistics
 from unitlib.metrics import accuracy
 from unitlib.train import augment
 
 
 def sweep(attack: str, profile: str, n_test: int) -> dict:
     exp = config.profile(profile, attack=attack)
-    path = results.model_path(exp)
+    ds = data.load(exp.dataset, size=exp.train_size)
+    path = results.model_path(exp, ds.digest)
     if not path.exists():
         sys.exit(f"no cached model for {attack} at profile {profile}: run "
                  f"`python -m unitlib run --profile {profile} --attack {attack}` first")
-    ds = data.load(exp.dataset, size=exp.train_size)
     atk = exp.make_attack()
     x_train = data.to_float(ds.x_train)
     atk.prepare(x_train, ds.y_train, device="cpu", progress=False)
@@ -45,20 +46,15 @@ def sweep(attack: str, profile: str, n_test: int) -> dict:
     x_trig = atk.apply(x_test[y_test != exp.target])
     y_trig = torch.full((len(x_trig),), exp.target)
 
-    sites = activation_sites(model, x_opt[:2])
-    stats = _collect(model, sites, x_opt, 500)
-    mean, std = {}, {}
-    for s in sites:
-        mean[s], std[s] = moments(*stats[s], len(x_opt))
+    stats = clean_statistics(model, x_opt)
+    sites, mean, std = stats.sites, stats.mean, stats.std
 
     def measure(label: str, layers: list[str], k: float, mode: str = "clip") -> dict:
-        bounded = BoundedModel(model, {s: mean[s] + k * std[s] for s in layers}, mode).eval()
+        bounded = BoundedModel(copy.deepcopy(model), {s: mean[s] + k * std[s] for s in layers}, mode).eval()
         row = {"bounds": label, "k": k, "mode": mode,
                "val_acc": accuracy(bounded, x_val, y_val, batch_size=500),
                "test_acc": accuracy(bounded, x_test, y_test, batch_size=500),
                "asr": accuracy(bounded, x_trig, y_trig, batch_size=500)}
-        for h in bounded._handles:
-            h.remove()
         print(f"{label:28s} {mode:6s} k={k:<5} val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  "
               f"asr {row['asr']:.3f}", flush=True)
         return row

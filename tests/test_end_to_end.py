@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from unitlib import results
+from unitlib import models, results
 from unitlib.cli import main
 
 
@@ -64,7 +64,7 @@ def test_saved_undefended_metrics_are_only_reused_for_the_same_model_file(tmp_pa
     monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
     exp = profile("smoke")
     ds = data.load(exp.dataset, size=exp.train_size)
-    path = results.model_path(exp)
+    path = results.model_path(exp, ds.digest)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"model one")
     remember_evaluation(exp, ds, {"clean_acc": 0.5, "asr": 0.25})
@@ -88,3 +88,57 @@ def test_run_warns_when_no_bounds_met_the_budget(tmp_path, monkeypatch):
     lines.clear()
     record = run(profile("smoke", defense_params={"steps": 1}), save=False, progress=False, log=lines.append)
     assert record.report["threshold_met"] is True and not any(line.startswith("warning") for line in lines)
+
+
+def _swapped_labels(ds):
+    from unitlib import data
+
+    return data.Dataset(ds.name, ds.x_train, (ds.y_train + 1) % ds.num_classes, ds.x_test,
+                        (ds.y_test + 1) % ds.num_classes, ds.classes)
+
+
+def test_a_cached_model_belongs_to_the_data_it_was_trained_on(tmp_path, monkeypatch):
+    """Same data set name, other content (labels swapped): the cached model is not reused, the record says which
+    data it was made from."""
+    from unitlib import data
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    exp = profile("smoke", defense="none")
+    first = run(exp, save=False, progress=False, log=lambda *a: None)
+    real_load = data.load
+    monkeypatch.setattr(data, "load", lambda *a, **kw: _swapped_labels(real_load(*a, **kw)))
+    second = run(exp, save=False, progress=False, log=lambda *a: None)
+    assert first.provenance["model_from_cache"] is False and second.provenance["model_from_cache"] is False
+    assert first.provenance["data_sha256"] != second.provenance["data_sha256"]
+    assert len(list((tmp_path / "models").glob("*[0-9a-f].safetensors"))) == 2
+
+
+def test_a_corrupt_cached_model_is_set_aside_and_retrained(tmp_path, monkeypatch):
+    from unitlib import data
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    exp = profile("smoke", defense="none")
+    first = run(exp, save=False, progress=False, log=lambda *a: None)
+    ds = data.load(exp.dataset, size=exp.train_size)
+    path = results.model_path(exp, ds.digest)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match=str(path.name)):
+        second = run(exp, save=False, progress=False, log=lambda *a: None)
+    assert second.provenance["model_from_cache"] is False
+    assert second.metrics["before"] == first.metrics["before"]
+    assert len(list(tmp_path.glob("models/*.corrupt-*"))) == 1
+    assert results.load_model(models.build("small-cnn", width=8), path) is not None
+
+
+def test_a_diverging_run_stops_and_caches_nothing(tmp_path, monkeypatch):
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    with pytest.raises(FloatingPointError, match="training loss is not finite"):
+        run(profile("smoke", defense="none", lr=1e6), save=False, progress=False, log=lambda *a: None)
+    assert not list(tmp_path.glob("models/*[0-9a-f].safetensors"))

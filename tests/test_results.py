@@ -72,8 +72,11 @@ def test_model_save_load_is_safetensors(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_model_path_uses_cache_and_model_key(tmp_path, monkeypatch):
+def test_model_path_uses_cache_model_key_and_data_digest(tmp_path, monkeypatch):
     monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
     exp = profile("smoke")
-    assert results.model_path(exp) == tmp_path / "models" / f"{exp.model_key()}.safetensors"
-    assert results.model_path(exp) == results.model_path(exp.replace(defense="none"))
+    path = results.model_path(exp, "a" * 64)
+    assert path.parent == tmp_path / "models" and path.suffix == ".safetensors"
+    assert path == results.model_path(exp.replace(defense="none"), "a" * 64)
+    assert path != results.model_path(exp, "b" * 64)
+    assert path != results.model_path(exp.replace(seed=1), "a" * 64)

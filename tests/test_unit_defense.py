@@ -1,9 +1,13 @@
+import copy
+
 import pytest
 import torch
 
+import unitlib.defenses.unit as unit_module
+
 from unitlib import models, results
 from unitlib.defenses import UNIT, BoundedModel, CleanSplit
-from unitlib.defenses.unit import select_layers
+from unitlib.defenses.unit import Bound, _float, initial_bounds, select_layers
 
 
 def _clean(n=120, nval=40, seed=0):
@@ -19,20 +23,24 @@ def _model(name="small-cnn", act="relu"):
 
 def test_initial_bounds_are_mean_plus_four_std():
     model, clean = _model(), _clean()
-    unit = UNIT(steps=1, lr=1e-12, augment=False)
-    defended = unit(model, clean, progress=False)
+    bounds = initial_bounds(model, clean.x_opt)
     acts = {}
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n in defended.layers]
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o)) for n in bounds]
     with torch.no_grad():
         model(clean.x_opt)
     for h in hooks:
         h.remove()
-    for name, bound in defended.bound_values().items():
+    assert len(bounds) == 7
+    for name, bound in bounds.items():
         a = acts[name]
-        expected = (a.mean(0) + 4 * a.std(0)).clamp(min=0)
+        expected = a.mean(0) + 4 * a.std(0)
         assert bound.shape == expected.shape
         assert torch.allclose(bound, expected, atol=1e-4, rtol=1e-4), name
+    # UNIT starts from them: with a step too small to move anything, the kept bounds are the initial ones
+    defended = UNIT(steps=1, lr=1e-12, augment=False)(model, clean, progress=False)
+    for name, bound in defended.bound_values().items():
+        assert torch.allclose(bound, bounds[name].clamp(min=0), atol=1e-4, rtol=1e-4), name
 
 
 def test_channel_granularity_shapes():
@@ -49,6 +57,7 @@ def test_does_not_change_the_original_model():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+    assert not any(isinstance(m, Bound) for m in model.modules())
 
 
 def test_clipping_and_rejection_semantics():
@@ -81,16 +90,18 @@ def test_any_architecture_and_activation(name, act):
 
 
 def test_report_and_budget():
-    unit = UNIT(steps=8, degradation=0.05)
+    unit = UNIT(steps=8, degradation=0.05, early_stop=False)
     unit(_model(), _clean(), progress=False)
     r = unit.report
     assert r["threshold"] == pytest.approx(r["base_val_acc"] - 0.05)
     assert r["threshold_met"] and r["final_val_acc"] >= r["threshold"]
-    assert len(r["history"]) == 8
+    assert [h["step"] for h in r["history"]] == list(range(9))  # step 0 (the initial bounds), then every step
     assert r["budget_bound"] == any(h["val_acc"] < r["threshold"] for h in r["history"])
+    assert r["stop_reason"] == "step_cap" and r["steps_run"] == 8
+    assert r["budget_gap"] == pytest.approx(r["final_val_acc"] - r["threshold"])
 
 
-def test_budget_bound_says_whether_the_budget_stopped_the_tightening():
+def _two_class_model():
     from unitlib.train import Recipe, fit
 
     # A model that has learned something (two classes told apart by the left half's brightness), so that
@@ -102,15 +113,35 @@ def test_budget_bound_says_whether_the_budget_stopped_the_tightening():
     torch.manual_seed(0)
     model = fit(models.build("small-cnn", width=4, num_classes=2), x[:160], y[:160],
                 Recipe(epochs=4, batch_size=32, lr=0.05, schedule="onecycle", crop=0), progress=False)
-    clean = CleanSplit(x[160:220], y[160:220], x[220:], y[220:])
+    return model, CleanSplit(x[160:220], y[160:220], x[220:], y[220:])
+
+
+def test_budget_bound_says_whether_the_budget_stopped_the_tightening():
+    model, clean = _two_class_model()
     # A huge lr drives the bounds to zero at the first step: validation accuracy falls to chance, below the threshold.
-    unit = UNIT(steps=3, lr=10.0, degradation=0.01, augment=False)
+    unit = UNIT(steps=3, lr=10.0, step_units="raw", degradation=0.01, augment=False, early_stop=False)
     unit(model, clean, progress=False)
     assert unit.report["base_val_acc"] >= 0.9 and unit.report["budget_bound"] is True
     # With a budget of nearly all the accuracy, it never binds.
-    unit = UNIT(steps=3, lr=10.0, degradation=0.99, augment=False)
+    unit = UNIT(steps=3, lr=10.0, step_units="raw", degradation=0.99, augment=False, early_stop=False)
     unit(model, clean, progress=False)
     assert unit.report["budget_bound"] is False
+
+
+def test_steps_are_in_units_of_each_elements_clean_std():
+    model, clean = _model(), _clean()
+    stats = unit_module.clean_statistics(model, _float(clean.x_opt))
+    # alpha large enough that Adam's eps is negligible; one step on the initial bounds
+    defended = UNIT(steps=1, lr=0.5, alpha=10.0, augment=False, degradation=0.99, early_stop=False,
+                    batch_size=None)(model, clean, progress=False)
+    for name, bound in defended.bound_values().items():
+        start = (stats.mean[name] + 4 * stats.std[name]).clamp(min=0)
+        moving = (stats.std[name] > 1e-4) & (start > 0.5 * stats.std[name])
+        assert moving.sum() > 0, name
+        moved = (start - bound)[moving] / stats.std[name][moving]
+        # Adam's first step moves each element by lr in its own units (the cross-entropy can only hold it back)
+        assert moved.max().item() == pytest.approx(0.5, rel=0.02), name
+        assert moved.median().item() == pytest.approx(0.5, rel=0.02), name
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -132,34 +163,34 @@ def test_bad_parameters():
         UNIT(degradation=2)
     with pytest.raises(ValueError, match="unknown mode 'zero'; valid choices: clip, reject"):
         UNIT(mode="zero")
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         UNIT(steps=0)
 
 
 def test_official_schedule():
     u = UNIT.official_schedule(degradation=0.03)
-    assert (u.steps, u.lr, u.patience, u.val_every, u.freeze_weights, u.degradation) == (300, 1e-3, 5, 1, False, 0.03)
-    assert (UNIT().steps, UNIT().lr, UNIT().patience) == (30, 1e-2, 1)
+    assert (u.steps, u.lr, u.step_units, u.batch_size, u.early_stop, u.patience, u.val_every, u.degradation) == (
+        300, 1e-3, "raw", None, False, 5, 1, 0.03)
+    d = UNIT()
+    assert (d.steps, d.lr, d.step_units, d.batch_size, d.early_stop, d.patience) == (300, 0.1, "std", 256, True, 1)
 
 
 @pytest.mark.parametrize("mode", ["clip", "reject"])
 def test_budget_is_checked_in_the_mode_that_is_applied(mode, monkeypatch):
-    import unitlib.defenses.unit as unit_module
-
     seen = []
     real = unit_module.accuracy
 
     def spy(model, *args, **kw):
         if isinstance(model, BoundedModel):
-            seen.append(model.train_with_clip)
+            seen.append(any(b.surrogate for b in model.sites().values()))
         return real(model, *args, **kw)
 
     monkeypatch.setattr(unit_module, "accuracy", spy)
-    unit = UNIT(steps=3, mode=mode)
+    unit = UNIT(steps=3, mode=mode, early_stop=False)
     defended = unit(_model(), _clean(), progress=False)
     # every validation (initial, each step, final) ran the bounds as they will be applied: rejection in reject mode
     assert len(seen) == 5 and not any(seen)
-    assert defended.mode == mode and not defended.train_with_clip
+    assert defended.mode == mode and not any(b.surrogate for b in defended.sites().values())
 
 
 def _mlp():
@@ -185,18 +216,17 @@ def test_budget_is_measured_from_the_original_model():
 
 def test_sigmoid_surrogate_gives_rejection_a_gradient():
     toy = torch.nn.Sequential(torch.nn.ReLU())
-    bound = torch.tensor([0.5, 0.5, 0.5])
-    bounded = BoundedModel(toy, {"0": bound}, "reject")
-    bounded.train_with_clip = True
-    bounded.gate_temperature = {"0": torch.tensor([0.1, 0.1, 0.1])}
-    bounded.bounds["0"].requires_grad_(True)
+    bounded = BoundedModel(toy, {"0": torch.tensor([0.5, 0.5, 0.5])}, "reject")
+    site = bounded.sites()["0"]
+    bounded.surrogate(True, {"0": torch.tensor([0.1, 0.1, 0.1])})
+    site.bound.requires_grad_(True)
     x = torch.tensor([[0.2, 0.5, 0.9]])
     out = bounded(x)
     assert torch.allclose(out, x * torch.sigmoid((0.5 - x) / 0.1))
     out.sum().backward()
-    grad = bounded.bounds["0"].grad
+    grad = site.bound.grad
     assert grad is not None and (grad > 0).all()  # raising a bound lets more of every value through
-    bounded.train_with_clip = False  # applied: hard rejection, whatever the gate
+    bounded.surrogate(False)  # applied: hard rejection, whatever the gate
     assert torch.equal(bounded(x), torch.tensor([[0.2, 0.5, 0.0]]))
 
 
@@ -205,29 +235,62 @@ def test_sigmoid_surrogate_is_what_unit_optimises():
     runs = {s: UNIT(steps=1, init_std=1.0, mode="reject", surrogate=s) for s in ("clip", "sigmoid")}
     for surrogate, unit in runs.items():
         defended = unit(model, clean, progress=False)
-        assert defended.gate_temperature == {} and defended.mode == "reject" and not defended.train_with_clip
-    ce = {s: u.report["history"][0]["ce"] for s, u in runs.items()}
+        assert defended.mode == "reject"
+        assert all(not b.surrogate and b.temperature is None for b in defended.sites().values())
+    ce = {s: u.report["history"][1]["ce"] for s, u in runs.items()}
     assert abs(ce["clip"] - ce["sigmoid"]) > 1e-3  # identical if the gate were not what is optimised
     with pytest.raises(ValueError, match="unknown surrogate 'tanh'; valid choices: clip, sigmoid"):
         UNIT(surrogate="tanh")
-    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
         UNIT(temperature=0)
 
 
 @pytest.mark.parametrize("project", [False, True])
 def test_project_keeps_bounds_non_negative_between_steps(project, monkeypatch):
-    import unitlib.defenses.unit as unit_module
-
     seen: list[float] = []
 
-    class Recording(torch.optim.Adam):
-        def step(self, closure=None):
-            # the bounds as the previous step (and any projection after it) left them
-            seen.append(min(p.detach().min().item() for group in self.param_groups for p in group["params"]))
-            return super().step(closure)
+    def spy_forward(self, x):
+        seen.append(min(b.bound.detach().min().item() for b in self.sites().values()))
+        return self.model(x)
 
-    monkeypatch.setattr(unit_module.torch.optim, "Adam", Recording)
-    UNIT(steps=4, lr=10.0, augment=False, project=project)(_model(), _clean(), progress=False)
-    assert len(seen) == 4
+    monkeypatch.setattr(unit_module.BoundedModel, "forward", spy_forward)
+    UNIT(steps=4, lr=10.0, step_units="raw", augment=False, project=project, early_stop=False,
+         batch_size=None)(_model(), _clean(), progress=False)
     # lr 10 drives every unused bound far below 0 at the first step; only projection brings them back to 0
-    assert (min(seen[1:]) >= 0) is project
+    assert (min(seen[2:]) >= 0) is project
+
+
+def test_deep_copy_of_a_defended_model_clips_at_its_own_bounds():
+    toy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())
+    defended = BoundedModel(toy, {"1": torch.full((4,), 0.5)}, "clip")
+    twin = copy.deepcopy(defended)
+    twin.sites()["1"].bound.data.fill_(2.0)
+    x = torch.tensor([[3.0, 1.0, 0.2, -1.0]])
+    assert torch.equal(defended(x), torch.tensor([[0.5, 0.5, 0.2, 0.0]]))
+    assert torch.equal(twin(x), torch.tensor([[2.0, 1.0, 0.2, 0.0]]))
+    # and a copy of a model UNIT defended
+    model = _model()
+    unit_defended = UNIT(steps=2)(model, _clean(), progress=False)
+    twin = copy.deepcopy(unit_defended)
+    for b in twin.sites().values():
+        b.bound.data.zero_()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(twin(x), unit_defended(x))
+        assert torch.equal(twin(x), copy.deepcopy(twin)(x))
+
+
+def test_stops_when_the_budget_binds_on_a_planted_smoke_backdoor(tmp_path, monkeypatch):
+    from unitlib.config import profile
+    from unitlib.experiment import run
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    record = run(profile("smoke", attack="badnets", defense="unit", defense_params={}), save=False,
+                 progress=False, log=lambda *a: None)
+    r = record.report
+    assert record.metrics["before"]["asr"] > 0.9
+    assert r["stop_reason"] == "budget", (r["steps_run"], r["budget_gap"])
+    assert r["steps_run"] < UNIT().steps
+    assert 0 <= r["budget_gap"] <= UNIT().settle
+    assert r["budget_bound"] is True
+    assert record.metrics["after"]["asr"] < 0.2

@@ -91,6 +91,17 @@ class Dataset:
             raise ValueError(f"{self.name}: train images are {tuple(self.x_train.shape[1:])}, "
                              f"test images {tuple(self.x_test.shape[1:])}")
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 over every image and label of both splits (shapes and dtypes included): what a cached model and a
+        record were made from, whatever the data set's name."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

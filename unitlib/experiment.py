@@ -25,10 +25,13 @@ def _timer(seconds: dict[str, float], stage: str):
 
 
 def build_model(exp: Experiment, dataset: data.Dataset) -> nn.Module:
-    return models.build(
-        exp.model, num_classes=dataset.num_classes, in_channels=dataset.shape[0], width=exp.width,
-        activation=exp.activation,
-    )
+    """The untrained model of ``exp``, its weights drawn from ``exp.seed`` alone (whatever ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(exp.seed)
+        return models.build(
+            exp.model, num_classes=dataset.num_classes, in_channels=dataset.shape[0], width=exp.width,
+            activation=exp.activation,
+        )
 
 
 def backdoored_model(
@@ -38,10 +41,14 @@ def backdoored_model(
     """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached
     (``compile``: one of :data:`COMPILE_MODES`, how the training steps run). Returns the model and, when it came
     from the cache, the metadata saved with it (else ``None``)."""
-    path = results.model_path(exp)
+    path = results.model_path(exp, dataset.digest)
     model = build_model(exp, dataset)
     if path.exists():
-        return results.load_model(model, path).to(device).eval(), results.model_metadata(path)
+        try:
+            return results.load_model(model, path).to(device).eval(), results.model_metadata(path)
+        except Exception as err:  # a truncated or foreign file: set it aside and train again
+            results.set_aside(path, err)
+            model = build_model(exp, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = path.with_suffix(".partial.safetensors")
     start = time.perf_counter()
@@ -66,13 +73,13 @@ def _compile_arg(mode: str) -> bool | str:
     return False if mode == "off" else True if mode == "default" else mode
 
 
-def _evaluation_path(exp: Experiment):
-    return results.model_path(exp).with_suffix(".before.json")
+def _evaluation_path(exp: Experiment, dataset: data.Dataset):
+    return results.model_path(exp, dataset.digest).with_suffix(".before.json")
 
 
 def _evaluation_tag(exp: Experiment, dataset: data.Dataset) -> dict[str, object]:
     """What the undefended model's metrics depend on: the exact model file and the test set."""
-    return {"model_sha256": results.file_digest(results.model_path(exp)), "dataset": exp.dataset,
+    return {"model_sha256": results.file_digest(results.model_path(exp, dataset.digest)), "dataset": exp.dataset,
             "test_sha256": results.tensor_digest(dataset.x_test, dataset.y_test)}
 
 
@@ -80,7 +87,7 @@ def cached_evaluation(exp: Experiment, dataset: data.Dataset) -> dict[str, float
     """The undefended model's metrics saved beside the cached model, if they were measured on this very model file
     and test set (every defense of one backdoored model shares them; the attack, hence the test-time trigger, is
     part of the model's key); else None."""
-    path = _evaluation_path(exp)
+    path = _evaluation_path(exp, dataset)
     if not path.exists():
         return None
     try:
@@ -91,8 +98,8 @@ def cached_evaluation(exp: Experiment, dataset: data.Dataset) -> dict[str, float
 
 
 def remember_evaluation(exp: Experiment, dataset: data.Dataset, metrics: dict[str, float]) -> None:
-    if results.model_path(exp).exists():
-        results.write_json(_evaluation_path(exp), {"tag": _evaluation_tag(exp, dataset), "metrics": metrics})
+    if results.model_path(exp, dataset.digest).exists():
+        results.write_json(_evaluation_path(exp, dataset), {"tag": _evaluation_tag(exp, dataset), "metrics": metrics})
 
 
 def run(
@@ -153,15 +160,17 @@ def run(
             f"{defense.report['threshold']:.2%} (the original model's {defense.report['base_val_acc']:.2%} minus the "
             f"budget); it kept the bounds with the best validation accuracy, "
             f"{defense.report['final_val_acc']:.2%}. Loosen the start (init_std) or raise the budget (degradation).")
-    if defense.report.get("budget_bound") is False:
-        log(f"note: the accuracy budget never stopped {exp.defense}'s tightening (validation accuracy stayed above "
-            f"{defense.report['threshold']:.2%}); more steps or a larger lr would tighten further within it")
+    if defense.report.get("stop_reason") == "step_cap":
+        log(f"note: {exp.defense} stopped at its step cap ({defense.report['steps_run']} steps) with the kept bounds "
+            f"{defense.report['budget_gap']:.2%} above the accuracy threshold {defense.report['threshold']:.2%}: "
+            f"more steps or a larger lr would tighten further within the budget")
     record = results.Record(
         key=exp.key(),
         config=exp.to_dict(),
         metrics={"before": before, "after": after},
         seconds=seconds,
-        provenance={**origin, "dataset": exp.dataset, "model_key": exp.model_key(),
+        provenance={**origin, "dataset": exp.dataset, "data_sha256": dataset.digest,
+                    "model_key": exp.model_key(),
                     "model_from_cache": cached, "before_from_cache": before_cached,
                     "compile": (cached_meta or {}).get("compile", "off") if cached else compile,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),

@@ -149,6 +149,19 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def set_aside(path: str | os.PathLike, error: BaseException) -> Path:
+    """Move an unreadable cache file or checkpoint out of the way (``<name>.corrupt-<time>``), with a warning that
+    names it, so the work it held is redone."""
+    import warnings
+
+    path = Path(path)
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.replace(path, target)
+    warnings.warn(f"{path} could not be read ({type(error).__name__}: {error}); moved to {target.name}, redoing "
+                  "the work", stacklevel=2)
+    return target
+
+
 def model_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata saved with a safetensors file (how and where the model was trained)."""
     from safetensors import safe_open
@@ -176,5 +189,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def model_path(experiment: Experiment) -> Path:
-    return cache_dir() / "models" / f"{experiment.model_key()}.safetensors"
+def model_path(experiment: Experiment, data_digest: str) -> Path:
+    """Where the backdoored model of ``experiment`` trained on the data with ``data_digest`` is cached: the key joins
+    the experiment's model key and the data's digest, so a model is never reused on other data of the same name."""
+    key = hashlib.sha256(f"{experiment.model_key()}:{data_digest}".encode()).hexdigest()
+    return cache_dir() / "models" / f"{key}.safetensors"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +119,8 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, e
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
     tensors["rng"] = gen.get_state()
-    tmp = path.with_suffix(".tmp")
+    # a name of this process's own: two processes checkpointing one model never write to the same file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
     os.replace(tmp, path)
 
@@ -177,7 +180,18 @@ def fit(
     start = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
-        start = _load_checkpoint(ckpt, model, opt, gen)
+        try:
+            start = _load_checkpoint(ckpt, model, opt, gen)
+        except Exception as err:  # truncated or from another model: start afresh
+            moved = ckpt.with_name(f"{ckpt.name}.corrupt-{os.getpid()}")
+            os.replace(ckpt, moved)
+            warnings.warn(f"checkpoint {ckpt} could not be read ({type(err).__name__}: {err}); moved to "
+                          f"{moved.name}, training from the start", stacklevel=2)
+            start = 0
+            torch.manual_seed(seed)
+            gen.manual_seed(seed)
+            model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+            opt.state.clear()
     n = len(x)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
@@ -267,6 +281,9 @@ def _epochs(
             if i % 50 == 49 or i == steps_per_epoch - 1:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
         del xe
+        if not math.isfinite(loss_sum.item()):
+            raise FloatingPointError(f"training loss is not finite in epoch {epoch + 1} (lr {recipe.lr}): lower the "
+                                     "learning rate; nothing was saved from this run")
         if ckpt is not None:
             _save_checkpoint(ckpt, model, opt, epoch + 1, gen)
         if on_epoch is not None:

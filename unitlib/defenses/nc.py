@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..metrics import accuracy
 from ..train import autocast, resolve_device
 from .base import CleanSplit, Defense, register
+from .schedule import AdaptiveCost
 from .common import (
     Augmentation,
     check_augmentation,
@@ -127,7 +128,8 @@ class NC(Defense):
         def current() -> tuple[torch.Tensor, torch.Tensor]:
             return torch.tanh(mask_t) / (2 - _EPS) + 0.5, torch.tanh(pattern_t) / (2 - _EPS) + 0.5
 
-        cost, up, down, set_count, up_flag, down_flag = 0.0, 0, 0, 0, False, False
+        cost = AdaptiveCost(self.init_cost, self.patience, self.cost_multiplier, self.cost_multiplier**1.5,
+                            restart="at_zero")
         best_norm, best = math.inf, None
         stop_count, stop_best = 0, math.inf
         perm, cursor = torch.randperm(n, generator=gen).to(dev), 0
@@ -146,7 +148,7 @@ class NC(Defense):
                     logits = model(stamp(x[idx], mask, pattern)).float()
                 ce = F.cross_entropy(logits, labels[: len(idx)])
                 norm = mask.sum()
-                loss = ce + cost * norm
+                loss = ce + cost.value * norm
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -159,30 +161,14 @@ class NC(Defense):
                 best_norm = norm_avg
                 m, p = current()
                 best = (m.detach().clone(), p.detach().clone())
-            bar.set_postfix(target=target, acc=f"{acc:.2f}", norm=f"{norm_avg:.1f}", cost=f"{cost:.1e}")
+            bar.set_postfix(target=target, acc=f"{acc:.2f}", norm=f"{norm_avg:.1f}", cost=f"{cost.value:.1e}")
 
             if best_norm < math.inf:
                 stop_count = stop_count + 1 if best_norm >= stop_best else 0
             stop_best = min(stop_best, best_norm)
-            if up_flag and down_flag and stop_count >= self.early_stop_patience:
+            if cost.raised and cost.lowered and stop_count >= self.early_stop_patience:
                 break
-
-            if cost == 0 and acc >= self.attack_threshold:
-                set_count += 1
-                if set_count >= self.patience:
-                    cost, up, down, up_flag, down_flag = self.init_cost, 0, 0, False, False
-            else:
-                set_count = 0
-            if acc >= self.attack_threshold:
-                up, down = up + 1, 0
-            else:
-                up, down = 0, down + 1
-            if up >= self.patience:
-                up, up_flag = 0, True
-                cost *= self.cost_multiplier
-            elif down >= self.patience:
-                down, down_flag = 0, True
-                cost /= self.cost_multiplier**1.5
+            cost.update(acc >= self.attack_threshold)
         found = best is not None
         if best is None:
             m, p = current()

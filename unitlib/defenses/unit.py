@@ -2,18 +2,22 @@
 Distribution Tightening", ECCV 2024.
 
 Every activation gets an upper bound learned from the defender's clean data; at inference activations are clipped
-to their bounds, so a trigger's abnormally large activations cannot carry the backdoor. Bounds start at
-mean + 4 std of the clean activations and are tightened by minimising cross-entropy + alpha * sum_l mean(bound_l),
-with alpha adapted (Neural-Cleanse style) so that validation accuracy stays within ``degradation`` of the original.
+to their bounds, so a trigger's abnormally large activations cannot carry the backdoor. Three stages:
 
-Bounds are placed with forward hooks on the model's activation modules, so any architecture and activation function
-works, and any subset of layers can be bounded. The defaults follow the appendix (2% degradation); the official
-code's schedule is ``official_schedule()`` (300 full-batch Adam steps at lr 1e-3, 3% degradation there).
+1. initialise (:func:`initial_bounds`): each bound starts at mean + ``init_std`` std of its clean activations;
+2. tighten: minimise cross-entropy + alpha * sum_l mean(bound_l) over the bounds alone, with alpha adapted (Neural
+   Cleanse's schedule, :class:`~unitlib.defenses.schedule.AdaptiveCost`) so that validation accuracy stays within
+   ``degradation`` of the original model's;
+3. choose: keep the bounds with the smallest regulariser among those that met the accuracy budget.
+
+The bounds live in the forward path: each bounded activation module is replaced by a :class:`Bound` (the activation
+followed by its bound), so a defended model is an ordinary module that can be copied, saved and moved.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +31,19 @@ from ..metrics import accuracy
 from ..models.activations import ACTIVATION_TYPES
 from ..train import augment, autocast, resolve_device
 from .base import CleanSplit, Defense, register
+from .schedule import AdaptiveCost
 
 GRANULARITIES = ("element", "channel")
 MODES = ("clip", "reject")
 SURROGATES = ("clip", "sigmoid")
+STEP_UNITS = ("std", "raw")
+# The official code's schedule (github.com/Megum1/UNIT): all of 300 full-batch Adam steps at lr 1e-3 in activation
+# units, validated every step, alpha patience 5.
+OFFICIAL_SCHEDULE: dict[str, Any] = dict(steps=300, lr=1e-3, step_units="raw", batch_size=None, early_stop=False,
+                                         patience=5, val_every=1)
+
+
+# ------------------------------------------------------------------------------------------------ where bounds go
 
 
 def activation_sites(model: nn.Module, sample: torch.Tensor) -> list[str]:
@@ -67,83 +80,154 @@ def select_layers(sites: list[str], layers: str) -> list[str]:
     raise ValueError(f"layers must be 'all', 'first:k' or 'last:k' (k >= 1), got {layers!r}")
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "__")
+# ------------------------------------------------------------------------------------------------ bounded models
+
+
+class Bound(nn.Module):
+    """An activation followed by its upper bound: ``min(a, bound)`` (``clip``) or ``a`` zeroed above the bound
+    (``reject``). Bounds below 0 act as 0.
+
+    While bounds are learned (``surrogate`` true), rejection, which has no gradient, is replaced by clipping, or,
+    where a ``temperature`` is set, by the smooth gate ``a * sigmoid((bound - a) / temperature)``."""
+
+    def __init__(self, activation: nn.Module, bound: torch.Tensor, mode: str = "clip") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
+        self.activation = activation
+        self.bound = nn.Parameter(bound.detach().clone().float(), requires_grad=False)
+        self.mode = mode
+        self.surrogate = False
+        self.temperature: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.activation(x)
+        bound = self.bound.clamp(min=0).to(out.dtype)
+        if self.mode == "reject" and not self.surrogate:
+            return torch.where(out > bound, torch.zeros_like(out), out)
+        if self.mode == "reject" and self.temperature is not None:
+            return out * torch.sigmoid((bound - out) / self.temperature.to(out))
+        return torch.minimum(out, bound)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, bound={tuple(self.bound.shape)}"
 
 
 class BoundedModel(nn.Module):
-    """``model`` with an upper bound on each chosen activation: clipped (``min(a, bound)``) or, in ``reject`` mode,
-    zeroed above the bound. An ordinary module: its state dict holds the model and the bounds."""
+    """``model`` with each activation module named in ``bounds`` replaced by a :class:`Bound` holding that bound.
+
+    ``model`` itself is changed (pass a copy to keep the original). The bounds are ordinary parameters in the
+    forward path: ``copy.deepcopy`` gives a model that clips at its own bounds, and the state dict holds the model
+    and the bounds (``model.<site>.bound``)."""
 
     def __init__(self, model: nn.Module, bounds: dict[str, torch.Tensor], mode: str = "clip") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
-        self.model = model
-        self.mode = mode
-        self.layers = list(bounds)
-        self.bounds = nn.ParameterDict({_key(n): nn.Parameter(b.detach().clone(), requires_grad=False)
-                                        for n, b in bounds.items()})
         modules = dict(model.named_modules())
-        missing = [n for n in self.layers if n not in modules]
+        missing = [n for n in bounds if n not in modules]
         if missing:
             raise ValueError(f"no module named {', '.join(missing)} in the model")
-        # During optimisation, rejection has no gradient: bounds are learned through a surrogate (clipping, or a
-        # smooth gate with these per-site temperatures) and applied by rejection.
-        self.train_with_clip = False
-        self.gate_temperature: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
-
-    def _hook(self, name: str):
-        key = _key(name)
-
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            bound = self.bounds[key].clamp(min=0).to(output.dtype)
-            if self.mode == "reject" and not self.train_with_clip:
-                return torch.where(output > bound, torch.zeros_like(output), output)
-            if self.mode == "reject" and key in self.gate_temperature:
-                return output * torch.sigmoid((bound - output) / self.gate_temperature[key].to(output))
-            return torch.minimum(output, bound)
-
-        return hook
+        self.model = model
+        self.layers = list(bounds)
+        for name, bound in bounds.items():
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            owner._modules[attr] = Bound(modules[name], bound, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def sites(self) -> dict[str, Bound]:
+        """The :class:`Bound` modules by site name."""
+        return {n: self.model.get_submodule(n) for n in self.layers}  # type: ignore[misc]
+
+    @property
+    def mode(self) -> str:
+        modes = {b.mode for b in self.sites().values()}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def surrogate(self, on: bool, temperatures: dict[str, torch.Tensor] | None = None) -> None:
+        """Switch every bound to its learning surrogate (``on``) or to the bound as applied."""
+        for name, b in self.sites().items():
+            b.surrogate = on
+            b.temperature = temperatures.get(name) if (on and temperatures) else None
+
     def bound_values(self) -> dict[str, torch.Tensor]:
-        return {n: self.bounds[_key(n)].detach().clamp(min=0) for n in self.layers}
+        return {n: b.bound.detach().clamp(min=0) for n, b in self.sites().items()}
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, state: dict[str, torch.Tensor], mode: str = "clip") -> BoundedModel:
         """Rebuild a saved defended model around a fresh ``model`` of the same architecture."""
-        bounds = {k[len("bounds."):].replace("__", "."): v for k, v in state.items() if k.startswith("bounds.")}
+        bounds = {k[len("model."):-len(".bound")]: v for k, v in state.items()
+                  if k.startswith("model.") and k.endswith(".bound")}
         bounded = cls(model, bounds, mode)
         bounded.load_state_dict(state)
         return bounded
 
 
+# ------------------------------------------------------------------------------------------------ initialise
+
+
+@dataclass
+class CleanStatistics:
+    """Per-site mean and (unbiased) std of clean activations, element-wise or per channel (shaped to broadcast)."""
+
+    sites: list[str]
+    mean: dict[str, torch.Tensor]
+    std: dict[str, torch.Tensor]
+
+    def bounds(self, k: float) -> dict[str, torch.Tensor]:
+        """Bounds at mean + ``k`` std for every site."""
+        return {s: self.mean[s] + k * self.std[s] for s in self.sites}
+
+
 @torch.no_grad()
-def _collect(model: nn.Module, names: list[str], x: torch.Tensor, chunk: int) -> dict[str, list[torch.Tensor]]:
-    """Per-site sums of activations and squared activations over ``x`` (for mean and std without holding them)."""
+def clean_statistics(
+    model: nn.Module, x: torch.Tensor, *, layers: str = "all", granularity: str = "element", chunk: int = 500,
+) -> CleanStatistics:
+    """Mean and std of each activation site's output over the clean images ``x`` (float in [0, 1]), one pass in
+    chunks of ``chunk`` images. ``granularity`` ``channel`` pools samples and spatial positions per channel."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; valid choices: {', '.join(GRANULARITIES)}")
+    sites = select_layers(activation_sites(model, x[:2]), layers)
     modules = dict(model.named_modules())
-    stats: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
 
     def hook(name: str):
         def fn(m, i, out):
             o = out.float()
-            s = stats.setdefault(name, [torch.zeros_like(o[0]), torch.zeros_like(o[0])])
+            s = sums.setdefault(name, [torch.zeros_like(o[0]), torch.zeros_like(o[0])])
             s[0] += o.sum(0)
             s[1] += (o * o).sum(0)
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    handles = [modules[n].register_forward_hook(hook(n)) for n in sites]
     try:
         for i in range(0, len(x), chunk):
             model(x[i : i + chunk])
     finally:
         for h in handles:
             h.remove()
-    return stats
+    mean, std = {}, {}
+    for name in sites:
+        s, sq = sums[name]
+        count = len(x)
+        channel = granularity == "channel" and s.ndim == 3
+        if channel:
+            count *= s[0].numel()
+            s, sq = s.sum((1, 2)), sq.sum((1, 2))
+        m, sd = moments(s, sq, count)
+        mean[name], std[name] = (m[:, None, None], sd[:, None, None]) if channel else (m, sd)
+    return CleanStatistics(sites, mean, std)
+
+
+def initial_bounds(
+    model: nn.Module, x: torch.Tensor, *, init_std: float = 4.0, layers: str = "all", granularity: str = "element",
+    chunk: int = 500,
+) -> dict[str, torch.Tensor]:
+    """UNIT's starting bounds: mean + ``init_std`` std of each site's clean activations (the official code: 4)."""
+    return clean_statistics(model, x, layers=layers, granularity=granularity, chunk=chunk).bounds(init_std)
 
 
 def moments(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,52 +237,60 @@ def moments(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> tuple[to
     return mean, var.sqrt()
 
 
+# ------------------------------------------------------------------------------------------------ the defense
+
+
 @register
 @dataclass
 class UNIT(Defense):
-    """UNIT's neural distribution tightening. Parameters (defaults: this library's fast schedule, see README):
+    """UNIT's neural distribution tightening. Parameters:
 
     - ``degradation``: accuracy budget on the defender's validation split (appendix: 2%; official code: 3%).
-    - ``steps``, ``lr``: Adam steps on the bounds (betas 0.5, 0.9) and learning rate.
+    - ``steps``: the most Adam steps on the bounds (betas 0.5, 0.9); with ``early_stop`` the run ends sooner, when
+      the budget binds (below).
+    - ``lr`` and ``step_units``: how far a step moves a bound. ``std`` (default): in units of each element's clean
+      standard deviation, so the same ``lr`` suits every layer and architecture, whatever its activation scale.
+      ``raw`` (the official code): in activation units, so ``steps * lr`` caps how far any bound can move.
+    - ``batch_size``: images of the optimise split per step, in a shuffled cycle (``None``: all of them, one full
+      batch per step, as the official code).
+    - ``early_stop``, ``settle``, ``stop_patience``: stop when the kept bounds' validation accuracy is within
+      ``settle`` above the threshold and ``stop_patience`` validations in a row have not lowered the regulariser
+      of the kept bounds by more than ``stop_tolerance`` (relative). Otherwise the run ends at ``steps`` and the
+      report says so (``stop_reason``: ``step_cap``) and how far above the threshold the kept bounds were.
     - ``init_std``: bounds start at mean + init_std * std of clean activations.
-    - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser.
+    - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser (start,
+      checks before a change, factors; the official code: 1e-3, 5, 2, 2^1.5).
     - ``granularity``: one bound per activation ``element`` (official code) or per ``channel``.
-    - ``mode``: ``clip`` to the bound or ``reject`` (zero) values above it (Table 10). Rejection needs a looser
-      start: on the `cpu` profile's small CNN, rejecting above mean + 4 std already costs 7 points of validation
-      accuracy before any step (the budget is missed, and the run warns), mean + 6 std costs 0.6. With
-      ``surrogate="sigmoid"``, ``init_std=6``, ``lr=2e-2`` and the official code's 3% budget it removes Blend on
-      three seeds (clipping leaves 55-57% ASR on two of them), but on BadNets the same setting costs 4 points of
-      test accuracy; see the README.
+    - ``mode``: ``clip`` to the bound or ``reject`` (zero) values above it (Table 10). Rejection removes more than
+      clipping at the same bound, so it needs a looser start (``init_std``) to meet the budget at step 0.
     - ``surrogate``: how ``reject`` bounds are learned, since rejection itself has no gradient: ``clip`` (optimise
       as clipping, apply as rejection) or ``sigmoid`` (a smooth gate ``a * sigmoid((bound - a) / t)``, ``t`` =
-      ``temperature`` times the element's clean std, whose gradient says which rejections cost accuracy, so bounds
-      that start too tight are loosened). The appendix does not say how its rejection variant was optimised.
+      ``temperature`` times the element's clean std, whose gradient says which rejections cost accuracy). The
+      appendix does not say how its rejection variant was optimised.
     - ``layers``: ``all``, ``first:k`` or ``last:k`` activation sites (Table 10, Fig. 14).
     - ``val_every``: validate every this many steps (1 = every step, as the official code).
-    - ``chunk``: images per forward pass; gradients accumulate so each step still sees the full batch.
-    - ``freeze_weights``: skip weight gradients (the model is frozen; the official code computes them anyway).
+    - ``chunk``: images per forward pass; gradients accumulate so a step sees its whole batch.
+    - ``freeze_weights``: skip weight gradients (the model is frozen either way; the official code computes them,
+      which changes only the seconds).
     - ``augment``: random crop + flip of the optimise split, once, before optimisation (the official code augments
       the validation split as well; here validation sees the defender's images as they are).
-    - ``project``: after each step, set bounds below 0 to 0. The official code only clamps them in the forward
-      pass, where a bound pushed below 0 gets no gradient again and its unit stays switched off for good; projected,
-      it can still be loosened by the cross-entropy when the accuracy budget is crossed. On Blend at the `cpu`
-      profile with lr 5e-2 it kept the very same bounds as without (80.53% / 32.33% either way).
-
-    Alpha's start (1e-3) and factors (x2 up, /2^1.5 down) are the official code's; its patience is 5 steps.
-
-    Why the fast schedule (30 steps, lr 1e-2, patience 1) matches the official 300 steps at lr 1e-3 with patience 5:
-    Adam moves each bound by about ``lr`` per step whatever alpha is, so ``steps * lr`` (0.3) is how far a bound can
-    travel in both; and the regulariser only outweighs the cross-entropy once alpha has doubled many times (about
-    2^10 for the small CNN), which patience 5 allows only 6 times in 30 steps but patience 1 allows 30 times (the
-    official schedule: 60 times in 300 steps). A larger ``lr`` tightens further, until the accuracy budget stops it.
+    - ``project``: after each step, raise bounds below 0 to 0, so the cross-entropy can still loosen them (the
+      official code only clamps them in the forward pass, where a bound below 0 gets no gradient again).
+    - ``seed``: the augmentation's and the batches' random draws.
     """
 
     name = "unit"
     citation = "Cheng et al., UNIT: Backdoor Mitigation via Automated Neural Distribution Tightening, ECCV 2024"
 
     degradation: float = 0.02
-    steps: int = 30
-    lr: float = 1e-2
+    steps: int = 300
+    lr: float = 0.1
+    step_units: str = "std"
+    batch_size: int | None = 256
+    early_stop: bool = True
+    settle: float = 0.01
+    stop_patience: int = 20
+    stop_tolerance: float = 0.005
     init_std: float = 4.0
     alpha: float = 1e-3
     patience: int = 1
@@ -214,31 +306,46 @@ class UNIT(Defense):
     freeze_weights: bool = True
     augment: bool = True
     project: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.degradation < 1:
-            raise ValueError(f"degradation must be in [0, 1), got {self.degradation!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; valid choices: {', '.join(GRANULARITIES)}")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; valid choices: {', '.join(MODES)}")
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"unknown surrogate {self.surrogate!r}; valid choices: {', '.join(SURROGATES)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        for key, valid in (("granularity", GRANULARITIES), ("mode", MODES), ("surrogate", SURROGATES),
+                           ("step_units", STEP_UNITS)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {', '.join(valid)}")
         select_layers([], self.layers)  # validates the spelling
-        for key in ("steps", "patience", "val_every", "chunk"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if self.lr <= 0 or self.alpha <= 0:
-            raise ValueError(f"lr and alpha must be > 0, got lr={self.lr!r}, alpha={self.alpha!r}")
+        for key in ("degradation", "settle", "stop_tolerance"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        ints = ["steps", "patience", "val_every", "chunk", "stop_patience"]
+        if self.batch_size is not None:
+            ints.append("batch_size")
+        for key in ints:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for key in ("lr", "alpha", "temperature"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        for key in ("alpha_up", "alpha_down"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 1 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number > 1, got {value!r}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or not math.isfinite(self.init_std):
+            raise ValueError(f"init_std must be a finite number, got {self.init_std!r}")
+        for key in ("early_stop", "freeze_weights", "augment", "project"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
     @classmethod
     def official_schedule(cls, **overrides: Any) -> UNIT:
-        """The official code's schedule: 300 full-batch steps at lr 1e-3, validation every step, weight gradients
-        computed (overrides e.g. ``degradation=0.03`` for the code's own budget)."""
-        params: dict[str, Any] = dict(steps=300, lr=1e-3, patience=5, val_every=1, freeze_weights=False)
-        params.update(overrides)
+        """The official code's schedule: all of 300 full-batch steps at lr 1e-3 in activation units, validation
+        every step, alpha patience 5 (overrides e.g. ``degradation=0.03`` for the code's own budget)."""
+        params = {**OFFICIAL_SCHEDULE, **overrides}
         return cls(**params)
 
     def __call__(
@@ -246,139 +353,160 @@ class UNIT(Defense):
     ) -> BoundedModel:
         dev = resolve_device(device)
         started = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed)
         x_opt, y_opt = _float(clean.x_opt).to(dev), clean.y_opt.to(dev)
         x_val, y_val = _float(clean.x_val).to(dev), clean.y_val.to(dev)
         if self.augment:
-            x_opt = augment(x_opt, crop=4, flip=True, generator=torch.Generator().manual_seed(0))
+            x_opt = augment(x_opt, crop=4, flip=True, generator=gen)
         model = copy.deepcopy(model).to(dev).eval()
         for p in model.parameters():
             p.requires_grad_(not self.freeze_weights)
 
-        # The original model's accuracy, measured before any bound is hooked onto it.
+        # The original model's accuracy, measured before any bound is placed.
         base = accuracy(model, x_val, y_val, batch_size=self.chunk, device=dev)
-        sites = select_layers(activation_sites(model, x_opt[:2]), self.layers)
-        stats = _collect(model, sites, x_opt, self.chunk)
-        n = len(x_opt)
-        bounds: dict[str, torch.Tensor] = {}
-        stds: dict[str, torch.Tensor] = {}
-        for name in sites:
-            s, sq = stats[name]
-            count = len(x_opt)
-            if self.granularity == "channel" and s.ndim == 3:
-                # one bound per channel: statistics over samples and spatial positions
-                count *= s[0].numel()
-                s, sq = s.sum((1, 2)), sq.sum((1, 2))
-            mean, std = moments(s, sq, count)
-            b = mean + self.init_std * std
-            per_channel = b.ndim == 1 and stats[name][0].ndim == 3
-            bounds[name] = b[:, None, None] if per_channel else b
-            stds[name] = std[:, None, None] if per_channel else std
-
-        bounded = BoundedModel(model, bounds, self.mode).to(dev)
-        bounded.train_with_clip = True
+        stats = clean_statistics(model, x_opt, layers=self.layers, granularity=self.granularity, chunk=self.chunk)
+        bounded = BoundedModel(model, stats.bounds(self.init_std), self.mode).to(dev)
+        temperatures = None
         if self.mode == "reject" and self.surrogate == "sigmoid":
             # a floor keeps the gate finite where the clean std is 0 (e.g. always-off ReLU units)
-            bounded.gate_temperature = {_key(n): self.temperature * stds[n].clamp(min=1e-3) for n in sites}
-        params = list(bounded.bounds.values())
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=self.lr, betas=(0.5, 0.9))
+            temperatures = {n: self.temperature * stats.std[n].clamp(min=1e-3) for n in stats.sites}
+        threshold = base - self.degradation
+        tightened = self._tighten(bounded, stats, temperatures, x_opt, y_opt, x_val, y_val, threshold, gen,
+                                  started, progress)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        bounded.surrogate(False)
+        self.report = {"base_val_acc": base, "threshold": threshold, "sites": stats.sites,
+                       "n_bounds": sum(b.bound.numel() for b in bounded.sites().values()), **tightened}
+        return bounded.eval()
+
+    # -- tighten and choose ----------------------------------------------------------------------------------------
+    def _tighten(
+        self, bounded: BoundedModel, stats: CleanStatistics, temperatures: dict[str, torch.Tensor] | None,
+        x_opt: torch.Tensor, y_opt: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, threshold: float,
+        gen: torch.Generator, started: float, progress: bool,
+    ) -> dict[str, Any]:
+        dev = x_opt.device
+        sites = list(bounded.sites().values())
+        bounds = [b.bound for b in sites]
+        # Each bound = offset + scale * z, and Adam moves z: in ``std`` units a step moves every element by about
+        # lr times its own clean std; in ``raw`` units by about lr (offset 0, scale 1).
+        if self.step_units == "std":
+            offsets = [stats.mean[n].to(dev) for n in stats.sites]
+            scales = [stats.std[n].to(dev) for n in stats.sites]
+        else:
+            offsets = [torch.zeros_like(b) for b in bounds]
+            scales = [torch.ones_like(b) for b in bounds]
+        zs = [((b.detach() - o) / s.clamp(min=1e-12)).where(s > 0, torch.zeros_like(b)).requires_grad_(True)
+              for b, o, s in zip(bounds, offsets, scales)]
+        for b in bounds:
+            b.requires_grad_(True)
+        opt = torch.optim.Adam(zs, lr=self.lr, betas=(0.5, 0.9))
+        cost = AdaptiveCost(self.alpha, self.patience, self.alpha_up, self.alpha_down, restart="below_start")
 
         def val_acc() -> float:
             # Judged as the bounds will be applied: in reject mode a clipped model's accuracy overstates the
-            # rejected one's (on Blend at the cpu profile: 86.4% validated by clipping, 75.6% by rejection).
-            bounded.train_with_clip = False
+            # rejected one's.
+            bounded.surrogate(False)
             try:
                 return accuracy(bounded, x_val, y_val, batch_size=self.chunk, device=dev)
             finally:
-                bounded.train_with_clip = True
+                bounded.surrogate(True, temperatures)
 
         def reg_value() -> float:
-            return sum(p.detach().clamp(min=0).mean().item() for p in params)
+            return sum(b.detach().clamp(min=0).mean().item() for b in bounds)
 
-        threshold = base - self.degradation
+        def snapshot() -> list[torch.Tensor]:
+            return [b.detach().clone() for b in bounds]
 
-        # Candidates are judged on the bounds that were validated (the official code keeps the bounds from before
-        # the step that it validated after; here they are the same tensors).
+        bounded.surrogate(True, temperatures)
         acc0 = val_acc()
-        best_reg, best, best_step = float("inf"), None, -1
-        fallback_acc, fallback = acc0, [p.detach().clone() for p in params]
+        best_reg, best, best_step, best_acc = math.inf, None, -1, float("nan")
+        fallback_acc, fallback, fallback_step = acc0, snapshot(), 0
         if acc0 >= threshold:
-            best_reg, best, best_step = reg_value(), [p.detach().clone() for p in params], 0
+            best_reg, best, best_step, best_acc = reg_value(), snapshot(), 0, acc0
+        reg0 = reg_value()
         init_seconds = time.perf_counter() - started
-        alpha = self.alpha
-        up = down = reset = 0
-        history = []
+        n = len(x_opt)
+        batch = self.batch_size or n
+        order, cursor = torch.randperm(n, generator=gen), 0
+        history: list[dict[str, float]] = [{"step": 0, "ce": float("nan"), "reg": reg0, "val_acc": acc0,
+                                           "alpha": cost.value}]
+        stalled, stop_reason, step = 0, "step_cap", 0
         bar = tqdm(range(1, self.steps + 1), desc="unit", unit="step", disable=not progress)
         for step in bar:
-            opt.zero_grad(set_to_none=True)
+            if batch >= n:
+                idx = torch.arange(n)
+            else:
+                if cursor + batch > n:
+                    order, cursor = torch.randperm(n, generator=gen), 0
+                idx, cursor = order[cursor : cursor + batch], cursor + batch
+            idx = idx.to(dev)
+            for b in bounds:
+                b.grad = None
             ce_total = 0.0
-            for i in range(0, n, self.chunk):
-                xb, yb = x_opt[i : i + self.chunk], y_opt[i : i + self.chunk]
+            for i in range(0, len(idx), self.chunk):
+                part = idx[i : i + self.chunk]
                 with autocast(dev):
-                    ce = F.cross_entropy(bounded(xb).float(), yb, reduction="sum") / n
+                    ce = F.cross_entropy(bounded(x_opt[part]).float(), y_opt[part], reduction="sum") / len(idx)
                 ce.backward()
                 ce_total += ce.item()
-            reg = sum(p.clamp(min=0).mean() for p in params)
-            (alpha * reg).backward()
+            reg = sum(b.clamp(min=0).mean() for b in bounds)
+            (cost.value * reg).backward()
+            opt.zero_grad(set_to_none=True)
+            for z, b, s in zip(zs, bounds, scales):
+                z.grad = b.grad * s if b.grad is not None else torch.zeros_like(z)
             opt.step()
-            if self.project:
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(min=0)
+            with torch.no_grad():
+                for z, b, o, s in zip(zs, bounds, offsets, scales):
+                    if self.project:
+                        floor = torch.where(s > 0, -o / s.clamp(min=1e-12), torch.full_like(z, -math.inf))
+                        z.copy_(torch.maximum(z, floor))
+                    b.copy_(o + s * z)
             if step % self.val_every and step != self.steps:
                 continue
             acc, reg_now = val_acc(), reg_value()
+            alpha = cost.value
             history.append({"step": step, "ce": ce_total, "reg": reg_now, "val_acc": acc, "alpha": alpha})
             bar.set_postfix(ce=f"{ce_total:.3f}", reg=f"{reg_now:.3f}", acc=f"{acc:.3f}", alpha=f"{alpha:.1e}")
+            improved = acc >= threshold and reg_now < best_reg * (1 - self.stop_tolerance)
             if acc >= threshold and reg_now < best_reg:
-                best_reg, best, best_step = reg_now, [p.detach().clone() for p in params], step
+                best_reg, best, best_step, best_acc = reg_now, snapshot(), step, acc
             if acc > fallback_acc:
-                fallback_acc, fallback = acc, [p.detach().clone() for p in params]
-            # Adaptive alpha (Neural Cleanse's cost schedule, as the official code).
-            if alpha < self.alpha and acc >= threshold:
-                reset += 1
-                if reset >= self.patience:
-                    alpha, up, down, reset = self.alpha, 0, 0, 0
-            else:
-                reset = 0
-            if acc >= threshold:
-                up, down = up + 1, 0
-            else:
-                up, down = 0, down + 1
-            if up >= self.patience:
-                up, alpha = 0, alpha * self.alpha_up
-            elif down >= self.patience:
-                down, alpha = 0, alpha / self.alpha_down
+                fallback_acc, fallback, fallback_step = acc, snapshot(), step
+            stalled = 0 if improved else stalled + 1
+            cost.update(acc >= threshold)
+            if (self.early_stop and best is not None and best_acc - threshold <= self.settle
+                    and stalled >= self.stop_patience):
+                stop_reason = "budget"
+                break
         bar.close()
         loop_seconds = time.perf_counter() - started - init_seconds
 
         chosen = best if best is not None else fallback
         with torch.no_grad():
-            for p, b in zip(params, chosen):
-                p.copy_(b.clamp(min=0))
-                p.requires_grad_(False)
-        for p in model.parameters():
-            p.requires_grad_(False)
+            for b, c in zip(bounds, chosen):
+                b.copy_(c.clamp(min=0))
+                b.requires_grad_(False)
         final_acc = val_acc()
-        bounded.train_with_clip = False
-        bounded.gate_temperature = {}
-        self.report = {
-            "base_val_acc": base,
-            "threshold": threshold,
+        kept_acc = best_acc if best is not None else fallback_acc
+        return {
             "threshold_met": best is not None,
-            "best_step": best_step,
+            "best_step": best_step if best is not None else fallback_step,
             "final_val_acc": final_acc,
-            "sites": sites,
-            "n_bounds": sum(p.numel() for p in params),
             "history": history,
-            # Whether the accuracy budget ever stopped the tightening. If not, the schedule ended first: more steps
-            # or a larger lr would tighten further within the same budget (known from the clean split alone).
+            "steps_run": step,
+            # Why tightening ended: the budget bound (the kept bounds sit within ``settle`` of the threshold and
+            # the regulariser stopped falling), or the step cap came first.
+            "stop_reason": stop_reason,
+            "budget_gap": kept_acc - threshold,
+            # Whether validation accuracy ever fell below the threshold during tightening.
             "budget_bound": any(h["val_acc"] < threshold for h in history),
+            "reg_start": reg0,
+            "reg_kept": reg_value(),
             "seconds_init": round(init_seconds, 3),
-            "seconds_per_step": round(loop_seconds / self.steps, 4),
+            "seconds_per_step": round(loop_seconds / max(step, 1), 4),
         }
-        return bounded.eval()
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
