@@ -28,6 +28,23 @@ def test_resnet18_has_the_official_bound_points():
     assert sites[0] == "net.act1" and sites[-1] == "net.layer4.1.act2"
 
 
+def test_resnet_mini_is_residual_with_batchnorm_and_average_pooling():
+    m = models.build("resnet-mini", width=8).eval()
+    net = m.net
+    assert isinstance(net.pool, torch.nn.AdaptiveAvgPool2d)
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in net.modules())
+    sites = activation_sites(m, torch.rand(1, 3, 32, 32))
+    # stem + per stage: the pooled conv's activation and a basic block's two (inner, after the residual add)
+    assert len(sites) == 10
+    assert sites[:4] == ["net.act0", "net.stages.0.act", "net.stages.0.block.act1", "net.stages.0.block.act2"]
+    # the residual path is live: zeroing the block's second conv leaves its input to pass through
+    block = net.stages[0].block
+    x = torch.rand(2, 8, 16, 16)
+    torch.nn.init.zeros_(block.conv2.weight)
+    with torch.no_grad():
+        assert torch.allclose(block(x), torch.relu(block.bn2.bias[None, :, None, None] + x))
+
+
 def test_width_scales_parameters():
     small = sum(p.numel() for p in models.build("resnet18", width=16).parameters())
     full = sum(p.numel() for p in models.build("resnet18").parameters())

@@ -28,64 +28,76 @@ def test_record_is_consistent(rec):
     assert all(v >= 0 for v in rec.seconds.values())
 
 
-CPU_UNIT = [
-    r for r in RECORDS
-    if r.config["profile"] == "cpu" and r.config["defense"] == "unit" and r.config["attack"] in ("badnets", "blend")
-    and r.config["poison_rate"] == profile("cpu").poison_rate  # the bar's setting; other rates are studies
-]
+CPU = profile("cpu")
+
+
+def _current_cpu(rec) -> bool:
+    """A record of the `cpu` profile's model as it is now (records of earlier profiles are archived)."""
+    c = rec.config
+    return c["profile"] == "cpu" and (c["model"], c["width"]) == (CPU.model, CPU.width)
+
+
+CPU_RECORDS = [r for r in RECORDS if _current_cpu(r)]
+CPU_UNIT = [r for r in CPU_RECORDS if r.config["defense"] == "unit"]
+
+
+def test_records_name_their_data():
+    for rec in RECORDS:
+        assert len(rec.provenance.get("data_sha256", "")) == 64, rec.filename()
+
+
+@pytest.mark.parametrize("rec", CPU_UNIT, ids=lambda r: r.filename())
+def test_cpu_unit_records_say_why_tightening_ended(rec):
+    r = rec.report
+    assert r["stop_reason"] in ("budget", "step_cap")
+    if r["stop_reason"] == "budget":
+        # the budget bound: validation accuracy fell below the threshold at some step, and the kept bounds sit
+        # within `settle` above it
+        assert r["budget_bound"] is True
+        assert 0 <= r["budget_gap"] <= r["resolved"]["defense"]["settle"] + 1e-9
+    assert r["steps_run"] >= r["best_step"] >= 0
+    assert [h["step"] for h in r["history"]] == sorted(h["step"] for h in r["history"])
 
 
 def _meets_the_bar(rec) -> bool:
     before, after = rec.metrics["before"], rec.metrics["after"]
-    return (before["clean_acc"] >= 0.70 and before["asr"] >= 0.90 and after["asr"] <= 0.10
-            and before["clean_acc"] - after["clean_acc"] <= 0.03)
+    return after["asr"] <= 0.10 and before["clean_acc"] - after["clean_acc"] <= 0.03
 
 
-@pytest.mark.parametrize("rec", [r for r in CPU_UNIT if r.config["attack"] == "badnets" and not r.config["defense_params"]],
-                         ids=lambda r: r.filename())
-def test_cpu_profile_default_unit_removes_badnets(rec):
-    # Every BadNets record of UNIT's default setting, whatever the seed. (Not every setting does: rejection with the
-    # official code's 3% budget removes it but costs 3.98 points of test accuracy.)
-    assert _meets_the_bar(rec), rec.metrics
-
-
-# Blend is not removed by every UNIT setting at the `cpu` profile. On the 6-epoch small CNN clipping (the default)
-# leaves 55-57% ASR within the budget on seeds 0 and 1 but 7.51% on seed 2; rejection (Table 10's variant, sigmoid
-# surrogate) brings it to 1.4-10.8%; trained 24 epochs, the default clipping removes it on both seeds tried. The bar
-# asks for a record of each that meets it.
-@pytest.mark.parametrize("mode", ["clip", "reject"])
-def test_cpu_profile_unit_removes_blend_in_some_record(mode):
-    blend = [r for r in CPU_UNIT if r.config["attack"] == "blend"
-             and r.config["defense_params"].get("mode", "clip") == mode]
-    assert blend, f"no cpu-profile Blend record with UNIT in {mode} mode"
-    assert any(_meets_the_bar(r) for r in blend), [(r.filename(), r.metrics["after"]) for r in blend]
-
-
-# The attack zoo's bar at the `cpu` profile: some record of each attack whose undefended model keeps its clean
-# accuracy within 2 points of the clean model trained the same way (same seed and model, poison rate 0) and reaches
-# 90% ASR. Strict xfails: the day a record meets the bar, the test fails until the mark is removed.
-ZOO_SHORTFALL: dict[str, str] = {}  # attack -> why no record meets the bar (none now)
 ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
+
+
+def _default_unit(attack: str, seed: int = 0):
+    return [r for r in CPU_UNIT if r.config["attack"] == attack and r.config["seed"] == seed
+            and not r.config["defense_params"] and not r.config["attack_params"]]
+
+
+def test_default_unit_meets_the_bar_on_at_least_eight_of_the_ten_attacks():
+    """The UNIT-fidelity bar at `cpu`: ASR <= 10% within 3 points of test accuracy on at least 8 of the 10 attacks
+    (seed 0, UNIT's defaults, the book's poison rates)."""
+    have = {a: _default_unit(a) for a in ZOO}
+    have = {a: recs[0] for a, recs in have.items() if recs}
+    assert len(have) == len(ZOO), f"no default UNIT record for {sorted(set(ZOO) - set(have))}"
+    met = sorted(a for a, r in have.items() if _meets_the_bar(r))
+    assert len(met) >= 8, {a: (r.metrics["before"], r.metrics["after"]) for a, r in have.items()}
 
 
 def _clean_accuracy(rec):
     c = rec.config
-    for r in RECORDS:
+    for r in CPU_RECORDS:
         d = r.config
-        if (d["profile"], d["dataset"], d["poison_rate"], d["seed"], d["model"], d["width"], d["epochs"]) == (
-                c["profile"], c["dataset"], 0.0, c["seed"], c["model"], c["width"], c["epochs"]):
+        if (d["dataset"], d["poison_rate"], d["seed"], d["epochs"]) == (c["dataset"], 0.0, c["seed"], c["epochs"]):
             return r.metrics["before"]["clean_acc"]
     return None
 
 
-@pytest.mark.parametrize("attack", [
-    pytest.param(a, marks=[pytest.mark.xfail(strict=True, reason=ZOO_SHORTFALL[a])] if a in ZOO_SHORTFALL else [])
-    for a in ZOO
-])
+@pytest.mark.parametrize("attack", ZOO)
 def test_cpu_profile_attack_meets_the_bar(attack):
+    """The attack zoo's bar at `cpu`: some record of each attack whose undefended model keeps its clean accuracy
+    within 2 points of the clean model trained the same way (same seed, poison rate 0) and reaches 90% ASR."""
     found = []
-    for rec in RECORDS:
-        if rec.config["profile"] != "cpu" or rec.config["attack"] != attack or not rec.config["poison_rate"]:
+    for rec in CPU_RECORDS:
+        if rec.config["attack"] != attack or not rec.config["poison_rate"]:
             continue
         clean = _clean_accuracy(rec)
         before = rec.metrics["before"]

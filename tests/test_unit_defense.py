@@ -82,7 +82,8 @@ def test_layer_selection():
     assert len(defended.layers) == 2
 
 
-@pytest.mark.parametrize("name,act", [("preact-resnet18", "relu"), ("resnet18", "tanh"), ("small-cnn", "elu")])
+@pytest.mark.parametrize("name,act", [("preact-resnet18", "relu"), ("resnet18", "tanh"), ("small-cnn", "elu"),
+                                      ("resnet-mini", "relu")])
 def test_any_architecture_and_activation(name, act):
     defended = UNIT(steps=2)(_model(name, act), _clean(60, 20), progress=False)
     assert defended(torch.rand(2, 3, 32, 32)).shape == (2, 10)

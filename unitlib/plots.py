@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "PALETTE", "activation_figure", "comparison_bars", "sensitivity_bars", "set_theme", "sweep_lines",
-    "tightening_illustration", "to_png", "trigger_figure",
+    "tightening_curves", "tightening_illustration", "to_png", "trigger_figure",
 ]
 
 # One colour per role, everywhere: clean/accuracy blue, backdoor/ASR red, bounds black, the paper's numbers grey.
@@ -209,5 +209,34 @@ def tightening_illustration(seed: int = 0, n: int = 20_000) -> plt.Figure:
                 transform=ax.transAxes, ha="right", va="top", fontsize=8)
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def tightening_curves(reports: Mapping[str, Mapping], *, title: str = "") -> plt.Figure:
+    """UNIT's tightening as its reports recorded it, one line per run (``reports``: label -> a UNIT report with
+    ``history``, ``threshold`` and ``best_step``): validation accuracy per step against the accuracy budget (left),
+    and the regulariser, the sum of the layers' mean bounds (right). A dot marks the step whose bounds were kept."""
+    set_theme()
+    fig, (acc_ax, reg_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    colours = sns.color_palette("colorblind", len(reports))
+    for colour, (label, report) in zip(colours, reports.items()):
+        hist = pd.DataFrame(report["history"])
+        acc_ax.plot(hist["step"], 100 * hist["val_acc"], color=colour, lw=1.2, label=label)
+        reg_ax.plot(hist["step"], hist["reg"], color=colour, lw=1.2, label=label)
+        acc_ax.axhline(100 * report["threshold"], color=colour, ls=":", lw=1)
+        kept = hist[hist["step"] == report["best_step"]]
+        if len(kept):
+            acc_ax.plot(kept["step"], 100 * kept["val_acc"], "o", color=colour, ms=5)
+            reg_ax.plot(kept["step"], kept["reg"], "o", color=colour, ms=5)
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("validation accuracy (%)")
+    acc_ax.set_title("accuracy (dotted: the budget's threshold)")
+    reg_ax.set_xlabel("step")
+    reg_ax.set_ylabel("sum of mean bounds")
+    reg_ax.set_title("regulariser")
+    reg_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

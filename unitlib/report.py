@@ -461,3 +461,21 @@ def markdown(df: pd.DataFrame, digits: int = 2) -> str:
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def tightening_records(profile_name: str = "cpu", attack: str = "Blend", seed: int = 0,
+                       directory: str | Path | None = None) -> dict[str, store.Record]:
+    """The records of UNIT with its defaults and with the official code's schedule on one backdoored model (the
+    book's experiments for ``attack`` at ``profile_name``), by label; a run without a record is left out."""
+    from .defenses.unit import OFFICIAL_SCHEDULE
+
+    sec = Section(name="method", profile=profile_name)
+    cells = {"UNIT (defaults)": Cell({}, attack, "UNIT"),
+             "UNIT (official schedule)": Cell({}, attack, "UNIT", defense_params=dict(OFFICIAL_SCHEDULE))}
+    found = {}
+    for label, cell in cells.items():
+        exp = sec.experiment(cell, seed)
+        record = store.find(exp, directory) if exp is not None else None
+        if record is not None:
+            found[label] = record
+    return found

@@ -1,0 +1,78 @@
+"""The margins of the baselines' `smoke` budgets: each baseline (with ``SMOKE_PARAMS``) on planted smoke backdoors of
+several seeds, with one and two intra-op threads, against the bars ``tests/test_defenses.py`` checks (ASR after
+<= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5). Float rounding differs between thread counts and CPUs as it
+does between seeds, so a budget that passes on every seed and thread count here has a margin the tests can rely on.
+
+    python benchmarks/smoke_margins.py [--seeds 0 1 2 3] [--threads 1 2] [--defenses ft seam]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unitlib import config, data, metrics, results  # noqa: E402
+from unitlib.defenses import SMOKE_PARAMS, CleanSplit, get  # noqa: E402
+from unitlib.experiment import build_model  # noqa: E402
+from unitlib.train import fit  # noqa: E402
+
+
+def planted(seed: int) -> dict:
+    exp = config.profile("smoke", defense="none", seed=seed)
+    ds = data.load(exp.dataset, size=exp.train_size)
+    attack = exp.make_attack()
+    poisoned = attack.poison(data.to_float(ds.x_train), ds.y_train)
+    model = fit(build_model(exp, ds), poisoned.x, poisoned.y, exp.recipe(), device="cpu", seed=exp.seed,
+                progress=False)
+    opt, val = data.defense_split(ds.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    clean = CleanSplit(ds.x_train[opt], ds.y_train[opt], ds.x_train[val], ds.y_train[val])
+    before = metrics.evaluate(model, ds.x_test, ds.y_test, attack)
+    return {"model": model.eval(), "clean": clean, "ds": ds, "attack": attack, "before": before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--defenses", nargs="+", default=sorted(SMOKE_PARAMS))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "smoke-margins.json"))
+    args = parser.parse_args()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for seed in args.seeds:
+            p = planted(seed)
+            for name in args.defenses:
+                start = time.perf_counter()
+                defended = get(name, **SMOKE_PARAMS[name])(p["model"], p["clean"], device="cpu", progress=False)
+                after = metrics.evaluate(defended, p["ds"].x_test, p["ds"].y_test, p["attack"])
+                row = {"defense": name, "seed": seed, "threads": threads, "before": p["before"], "after": after,
+                       "seconds": round(time.perf_counter() - start, 1)}
+                row["passes"] = (after["asr"] <= 0.4 and p["before"]["asr"] - after["asr"] >= 0.5
+                                 and after["clean_acc"] >= 0.5)
+                rows.append(row)
+                print(f"{name:6s} seed {seed} threads {threads}: before asr {p['before']['asr']:.3f}  after "
+                      f"acc {after['clean_acc']:.3f} asr {after['asr']:.3f}  {'ok' if row['passes'] else 'FAIL'}",
+                      flush=True)
+    summary = {}
+    for name in args.defenses:
+        mine = [r for r in rows if r["defense"] == name]
+        summary[name] = {"passes": sum(r["passes"] for r in mine), "runs": len(mine),
+                         "max_asr_after": max(r["after"]["asr"] for r in mine),
+                         "min_acc_after": min(r["after"]["clean_acc"] for r in mine),
+                         "params": SMOKE_PARAMS[name]}
+    out = {"rows": rows, "summary": summary, "provenance": results.provenance(torch.device("cpu"))}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
