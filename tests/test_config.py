@@ -86,3 +86,44 @@ def test_frozen_and_isolated_from_caller_dicts():
     assert exp.attack_params == {"patch_size": 4}
     with pytest.raises(dataclasses.FrozenInstanceError):
         exp.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+    ({"lr": 0}, "lr must be > 0, got 0"),
+    ({"weight_decay": -1}, "weight_decay must be >= 0, got -1"),
+    ({"label_smoothing": 2}, "label_smoothing must be in [0, 1), got 2"),
+    ({"target": 1.5}, "target must be a class index in 0..9, got 1.5"),
+    ({"target": True}, "target must be a class index in 0..9, got True"),
+    ({"epochs": True}, "epochs must be an int >= 1, got True"),
+    ({"epochs": "ten"}, "epochs must be an int >= 1, got 'ten'"),
+    ({"epochs": 4.0}, "epochs must be an int >= 1, got 4.0"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"seed": 1.5}, "seed must be an int in 0..4294967295, got 1.5"),
+    ({"seed": -1}, "seed must be an int in 0..4294967295, got -1"),
+    ({"width": 3.5}, "width must be an int >= 2 or None, got 3.5"),
+    ({"train_size": "all"}, "train_size must be an int >= 10 or None, got 'all'"),
+    ({"poison_rate": "abc"}, "poison_rate must be a finite number in [0, 1), got 'abc'"),
+    ({"poison_rate": False}, "poison_rate must be a finite number in [0, 1), got False"),
+    ({"clean_fraction": float("nan")}, "clean_fraction must be a finite number in (0, 1), got nan"),
+    ({"dataset": 3}, "dataset must be a string, got 3"),
+    ({"activation": None}, "activation must be a string, got None"),
+    ({"attack_params": "patch_size=4"}, "attack_params must be a dict of parameter names to values"),
+    ({"attack_params": {"patch_size": "abc"}}, "attack 'badnets': patch_size must be an int, got 'abc'"),
+    ({"attack_params": {"patch_size": 3.5}}, "attack 'badnets': patch_size must be an int, got 3.5"),
+    ({"defense_params": {"steps": True}}, "defense 'unit': steps must be an int, got True"),
+    ({"defense_params": {"lr": float("nan")}}, "defense 'unit': lr must be a finite number, got nan"),
+    ({"attack": "blend", "attack_params": {"test_alpha": "x"}}, "test_alpha must be a finite number or None, got 'x'"),
+    ({"attack": "refool", "attack_params": {"alpha_range": [0.1]}}, "alpha_range must be a list of 2 values"),
+])
+def test_every_field_is_checked_for_type_and_range(changes, message):
+    with pytest.raises(ValueError) as e:
+        profile("smoke", **changes)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_numbers_of_the_other_kind_where_valid():
+    # an int where a float is asked for is a number all the same; None where None is allowed
+    exp = profile("smoke", lr=1, weight_decay=0, width=None, attack_params={"patch_size": 4})
+    assert exp.lr == 1 and exp.width is None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,28 +45,34 @@ class Experiment:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Copies, so a caller's dict cannot change a frozen experiment afterwards.
-        object.__setattr__(self, "attack_params", dict(self.attack_params))
-        object.__setattr__(self, "defense_params", dict(self.defense_params))
+        # Every field's type and range, before anything uses it: a bad value is one line naming the field, not a
+        # traceback after the data have loaded (or, worse, a record of a run that could not have worked).
+        for key in ("profile", "dataset", "model", "activation", "attack", "schedule", "defense"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        for key in ("attack_params", "defense_params"):
+            value = getattr(self, key)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{key} must be a dict of parameter names to values, got {value!r}")
+            # A copy, so a caller's dict cannot change a frozen experiment afterwards.
+            object.__setattr__(self, key, dict(value))
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, tuple(models.MODELS))
         _choice("activation", self.activation.lower(), tuple(models.ACTIVATIONS))
         _choice("schedule", self.schedule, SCHEDULES)
+        _integer("train_size", self.train_size, minimum=10, optional=True)
+        _integer("width", self.width, minimum=2, optional=True)
+        _integer("target", self.target, minimum=0, below=10, what="a class index")
+        _integer("epochs", self.epochs, minimum=1)
+        _integer("batch_size", self.batch_size, minimum=1)
+        _integer("seed", self.seed, minimum=0, below=2**32)
+        _number("poison_rate", self.poison_rate, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _number("clean_fraction", self.clean_fraction, "in (0, 1)", lambda v: 0.0 < v < 1.0)
+        _number("lr", self.lr, "> 0", lambda v: v > 0)
+        _number("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+        _number("label_smoothing", self.label_smoothing, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         attacks.REGISTRY.check(self.attack, self.attack_params)
         defenses.REGISTRY.check(self.defense, self.defense_params)
-        if not 0.0 <= self.poison_rate < 1.0:
-            raise ValueError(f"poison_rate must be in [0, 1), got {self.poison_rate!r}")
-        if not 0.0 < self.clean_fraction < 1.0:
-            raise ValueError(f"clean_fraction must be in (0, 1), got {self.clean_fraction!r}")
-        if not 0 <= self.target < 10:
-            raise ValueError(f"target must be a class index in 0..9, got {self.target!r}")
-        if self.train_size is not None and self.train_size < 10:
-            raise ValueError(f"train_size must be >= 10 or None, got {self.train_size!r}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if self.width is not None and self.width < 2:
-            raise ValueError(f"width must be >= 2 or None, got {self.width!r}")
         # Building the components checks every parameter value, not only the names.
         self.make_attack()
         self.make_defense()
@@ -122,6 +130,25 @@ class Experiment:
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {key} {value!r}; valid choices: {', '.join(valid)}")
+
+
+def _integer(key: str, value: Any, *, minimum: int, below: int | None = None, optional: bool = False,
+             what: str = "an int") -> None:
+    """``value`` is a real int (not a bool, not a float) in ``minimum``..``below - 1`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if not ok or (below is not None and value >= below):
+        bounds = f"in {minimum}..{below - 1}" if below is not None else f">= {minimum}"
+        raise ValueError(f"{key} must be {what} {bounds}{' or None' if optional else ''}, got {value!r}")
+
+
+def _number(key: str, value: Any, valid: str, check: Callable[[float], bool]) -> None:
+    """``value`` is a finite real number (an int or a float, not a bool) for which ``check`` holds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number {valid}, got {value!r}")
+    if not check(value):
+        raise ValueError(f"{key} must be {valid}, got {value!r}")
 
 
 def _digest(obj: Any) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,8 +47,12 @@ class Recipe:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     def lr_at(self, progress: float) -> float:
         """Learning rate at ``progress`` in [0, 1] of training."""
@@ -99,10 +104,31 @@ def apply_augment(
     return x
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index), mps"
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or str(device) == "auto":
+    """The torch device for ``device``: one of :data:`DEVICES` (``auto``/None: CUDA when there is one, else the
+    CPU). A device this machine does not have is a ValueError saying so, before any work starts."""
+    text = "auto" if device is None else str(device)
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", text)
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise ValueError(f"unknown device {text!r}; valid: {DEVICES}")
+    if match[1] == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r} asked for, but CUDA is not available here (this torch "
+                             f"{torch.__version__} was built for CUDA {torch.version.cuda or 'no CUDA at all'}); "
+                             "use cpu or auto")
+        count = torch.cuda.device_count()
+        if match[2] is not None and int(match[2]) >= count:
+            raise ValueError(f"device {text!r} asked for, but there are {count} CUDA device(s): "
+                             f"cuda:0..cuda:{count - 1}")
+    if match[1] == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {text!r} asked for, but MPS (Apple's GPU backend) is not available here; use cpu or "
+                         "auto")
+    return torch.device(text)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -290,4 +316,4 @@ def _epochs(
             on_epoch(epoch + 1)
 
 
-__all__ = ["Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]
+__all__ = ["DEVICES", "Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]
