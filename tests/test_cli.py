@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -79,3 +80,78 @@ def test_records_lists_each_record_with_what_it_changed(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["records", "--results", str(tmp_path), "--csv"]) == 0
     assert capsys.readouterr().out.count("\n") == 3
+
+
+@pytest.fixture
+def no_data_load(monkeypatch):
+    """Fails the test if the run gets as far as loading data."""
+    from unitlib import data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data were loaded before the bad input was refused")
+
+    monkeypatch.setattr(data, "load", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "lr=NaN"], "lr must be a finite number > 0, got nan"),
+    (["--set", "target=1.5"], "target must be a class index in 0..9, got 1.5"),
+    (["--set", "weight_decay=-1"], "weight_decay must be >= 0, got -1"),
+    (["--set", "lr=0"], "lr must be > 0, got 0"),
+    (["--set", "epochs=true"], "epochs must be an int >= 1, got True"),
+    (["--set", "epochs=ten"], "epochs must be an int >= 1, got 'ten'"),
+    (["--set", "poison_rate=abc"], "poison_rate must be a finite number in [0, 1), got 'abc'"),
+    (["--set", "seed=1.5"], "seed must be an int in 0..4294967295, got 1.5"),
+    (["--set", "width=3.5"], "width must be an int >= 2 or None, got 3.5"),
+    (["--set", "label_smoothing=2"], "label_smoothing must be in [0, 1), got 2"),
+    (["--set", "attack_params.patch_size=big"], "attack 'badnets': patch_size must be an int, got 'big'"),
+    (["--device", "nonsense"], "unknown device 'nonsense'; valid: auto, cpu, cuda, cuda:N (N a GPU index), mps"),
+    (["--device", "cuda:99"], "device 'cuda:99' asked for, but"),
+])
+def test_bad_values_are_one_line_before_any_data_load(args, message, tmp_path, capsys, no_data_load):
+    assert main(["run", "--profile", "smoke", "--results", str(tmp_path), "--quiet", *args]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in out + err
+    assert not list(tmp_path.iterdir())  # no record
+
+
+def test_unwritable_results_fail_before_the_run(tmp_path, capsys, no_data_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--profile", "smoke", "--results", str(blocker / "records"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: results directory") and str(blocker / "records") in err and "not writable" in err
+
+
+def test_records_skip_a_bad_file_with_a_warning_naming_it(tmp_path, capsys):
+    import torch
+
+    from unitlib import results
+    from unitlib.config import profile
+
+    exp = profile("smoke")
+    good = results.Record(key=exp.key(), config=exp.to_dict(),
+                          metrics={"before": {"clean_acc": 0.9, "asr": 1.0}, "after": {"clean_acc": 0.88, "asr": 0.05}},
+                          seconds={"train": 2.0}, provenance=results.provenance(torch.device("cpu")))
+    results.save(good, tmp_path)
+    (tmp_path / "truncated.json").write_text('{"key": "abc", "config": {')
+    wordy = json.loads(json.dumps(dataclasses.asdict(good)))
+    wordy["key"] = "f" * 64
+    wordy["metrics"]["after"]["asr"] = "high"
+    (tmp_path / "wordy.json").write_text(json.dumps(wordy))
+    assert main(["records", "--results", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 3 and "| 88.00 | 5.00 |" in lines[2]
+    assert "high" not in out
+    warnings = err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping ") for w in warnings)
+    assert any(str(tmp_path / "truncated.json") in w and "not a readable JSON record" in w for w in warnings)
+    assert any(str(tmp_path / "wordy.json") in w and "metrics.after.asr must be a number in [0, 1], got 'high'" in w
+               for w in warnings)
+
+
+def test_records_from_a_folder_that_is_not_there(tmp_path, capsys):
+    assert main(["records", "--results", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory of records" in capsys.readouterr().err

@@ -80,3 +80,53 @@ def test_model_path_uses_cache_model_key_and_data_digest(tmp_path, monkeypatch):
     assert path == results.model_path(exp.replace(defense="none"), "a" * 64)
     assert path != results.model_path(exp, "b" * 64)
     assert path != results.model_path(exp.replace(seed=1), "a" * 64)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"key": "abc", "config": {', "not a readable JSON record (JSONDecodeError"),
+    ("[1, 2]", "a record is a JSON object, got list"),
+])
+def test_load_names_the_file_it_cannot_read(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        results.load(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("stage, metric, value", [("after", "asr", "0.05"), ("before", "clean_acc", 90.0),
+                                                  ("after", "clean_acc", None), ("before", "asr", True)])
+def test_load_refuses_metrics_that_are_not_fractions(tmp_path, stage, metric, value):
+    path = results.save(_record(), tmp_path)
+    data = json.loads(path.read_text())
+    data["metrics"][stage][metric] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: metrics.{stage}.{metric} must be a number in [0, 1], "
+                                                   f"got {value!r}")):
+        results.load(path)
+
+
+def test_load_refuses_a_record_with_missing_or_unknown_fields(tmp_path):
+    path = results.save(_record(), tmp_path)
+    data = json.loads(path.read_text())
+    del data["seconds"]
+    data["extra"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a record (unknown field(s) extra; missing seconds)")):
+        results.load(path)
+
+
+def test_load_all_skips_a_bad_file_with_a_warning_naming_it(tmp_path):
+    rec = _record()
+    results.save(rec, tmp_path)
+    (tmp_path / "a-truncated.json").write_text('{"schema": 1, "key": ')
+    with pytest.warns(UserWarning, match=re.escape(f"skipping {tmp_path / 'a-truncated.json'}: not a readable")):
+        assert results.load_all(tmp_path) == [rec]
+
+
+def test_check_writable(tmp_path):
+    assert results.check_writable(tmp_path / "new" / "records").is_dir()  # created
+    assert not list((tmp_path / "new" / "records").iterdir())  # the probe is gone
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=re.escape(f"results directory '{tmp_path / 'file' / 'sub'}' is not writable")):
+        results.check_writable(tmp_path / "file" / "sub")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
 
 from . import attacks, defenses, models
 from .config import PROFILES, profile
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--defense", help=f"one of: {', '.join(sorted(defenses.DEFENSES))}")
     run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override an experiment key, e.g. --set epochs=4 --set defense_params.steps=300")
-    run_p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    run_p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (a GPU index) or mps")
     run_p.add_argument("--data-root", help="where the data set lives (default: $UNITLIB_DATA, then ../shared/data)")
     run_p.add_argument("--results", help="directory for the record (default: results/ of the repository)")
     run_p.add_argument("--no-save", action="store_true", help="do not write a record")
@@ -64,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     args = parser.parse_args(argv)
 
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _command(args)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """Warnings as one line each (``warning: ...``), not with the source line that raised them."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
             from .data import DATASETS
@@ -76,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "records":
             from .report import markdown, records_table
 
+            if args.results is not None and not Path(args.results).is_dir():
+                raise ValueError(f"--results {args.results!r} is not a directory of records")
             table = records_table(args.results, args.profile)
             print(table.to_csv(index=False) if args.csv else markdown(table), end="\n" if not args.csv else "")
             return 0
@@ -88,8 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             print(json.dumps(exp.to_dict(), indent=2))
             return 0
+        from . import results
         from .experiment import run
+        from .train import resolve_device
 
+        # The device and the records' folder are checked before anything is printed or loaded (run checks them too).
+        resolve_device(args.device)
+        if not args.no_save:
+            results.check_writable(args.results)
         print(f"experiment {exp.key()[:12]} (profile {exp.profile}): {exp.attack} -> {exp.defense} "
               f"on {exp.dataset}, {exp.model}")
         record = run(exp, device=args.device, results_dir=args.results, data_root=args.data_root,
@@ -103,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # training diverged: nothing was cached or recorded
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

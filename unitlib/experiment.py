@@ -116,8 +116,11 @@ def run(
     """Run ``exp`` and (with ``save``) write its record. Prints each stage's metrics and time through ``log``.
     ``compile`` (one of :data:`COMPILE_MODES`) is how the backdoored model's training steps run: ``reduce-overhead``
     (``torch.compile`` with CUDA graphs) trains the `paper` profile's ResNet-18 about 2.4x faster on a GPU."""
+    # Every check that can fail does so before the data load and the training, not after them.
     _compile_arg(compile)
     dev = resolve_device(device)
+    if save:
+        results.check_writable(results_dir)
     origin = results.provenance(dev)  # taken first: the code version is the one that starts running
     seconds: dict[str, float] = {}
     torch.manual_seed(exp.seed)

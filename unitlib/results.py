@@ -12,7 +12,8 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,40 @@ def save(record: Record, directory: str | os.PathLike | None = None) -> Path:
 
 
 def load(path: str | os.PathLike) -> Record:
-    data = json.loads(Path(path).read_text())
+    """The record stored at ``path``; a ValueError naming the file when it is not a readable record of this schema
+    (invalid JSON, missing or unknown fields, metrics that are not fractions)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON record ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a record is a JSON object, got {type(data).__name__}")
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: record schema {data.get('schema')!r}, this library reads schema {SCHEMA}")
+    known = {f.name: f for f in fields(Record)}
+    unknown = sorted(set(data) - set(known))
+    missing = sorted(k for k, f in known.items()
+                     if k not in data and f.default is MISSING and f.default_factory is MISSING)
+    problems = [f"unknown field(s) {', '.join(unknown)}"] * bool(unknown)
+    problems += [f"missing {', '.join(missing)}"] * bool(missing)
+    if problems:
+        raise ValueError(f"{path}: not a record ({'; '.join(problems)})")
+    for key in ("config", "metrics", "seconds", "provenance", "report"):
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(f"{path}: {key} must be a JSON object, got {data[key]!r}")
+    for key in ("profile", "dataset", "attack", "defense"):  # what tables and file names are made of
+        if not isinstance(data["config"].get(key), str):
+            raise ValueError(f"{path}: config.{key} must be a string, got {data['config'].get(key)!r}")
+    for stage in ("before", "after"):
+        metrics = data["metrics"].get(stage)
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{path}: metrics.{stage} is missing or not an object")
+        for metric in ("clean_acc", "asr"):
+            value = metrics.get(metric)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+            if not ok:  # NaN fails the range test too
+                raise ValueError(f"{path}: metrics.{stage}.{metric} must be a number in [0, 1], got {value!r}")
     return Record(**data)
 
 
@@ -128,7 +160,30 @@ def find(experiment: Experiment, directory: str | os.PathLike | None = None) -> 
 
 
 def load_all(directory: str | os.PathLike | None = None) -> list[Record]:
-    return [load(p) for p in sorted(Path(directory or RESULTS_DIR).glob("*.json"))]
+    """Every record in ``directory`` (default: the committed ``results/``), in file-name order. A file that is not
+    a readable record is skipped with a warning naming it, so one bad file never hides the others."""
+    records = []
+    for path in sorted(Path(directory or RESULTS_DIR).glob("*.json")):
+        try:
+            records.append(load(path))
+        except ValueError as err:
+            warnings.warn(f"skipping {err}", stacklevel=2)
+    return records
+
+
+def check_writable(directory: str | os.PathLike | None = None) -> Path:
+    """Make sure records can be written to ``directory`` (default: ``results/``), creating it if needed: a
+    ValueError naming it now, rather than after a run whose record would then be lost."""
+    path = Path(directory or RESULTS_DIR)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check.{os.getpid()}.tmp"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"results directory '{path}' is not writable ({type(err).__name__}: {err.strerror or err}); "
+                         "pass a writable directory for the records") from err
+    return path
 
 
 # -- models ----------------------------------------------------------------------------------------------------------
@@ -152,8 +207,6 @@ def load_model(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def set_aside(path: str | os.PathLike, error: BaseException) -> Path:
     """Move an unreadable cache file or checkpoint out of the way (``<name>.corrupt-<time>``), with a warning that
     names it, so the work it held is redone."""
-    import warnings
-
     path = Path(path)
     target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(path, target)
