@@ -11,6 +11,8 @@ Three data sets, all N x C x H x W uint8 with int64 labels:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import hashlib
 import io
@@ -18,9 +20,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import tarfile
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from . import tempfiles
 
 __all__ = ["DATASETS", "Dataset", "balanced_subset", "cache_dir", "defense_split", "load", "to_float"]
 
@@ -55,6 +59,7 @@ _CACHE_FORMAT = 1
 # Images per task sent to a decoding worker; a pool starts only once the first chunk is full, so tiny archives
 # never pay for starting processes.
 _DECODE_CHUNK = 1000
+_PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -541,10 +546,49 @@ def _start_pool() -> ProcessPoolExecutor | None:
         log.info("decoding in this process: %d other thread(s) running, forking would be unsafe", len(others))
         return None
     try:
-        return ProcessPoolExecutor(max_workers=min(cores, 8), mp_context=multiprocessing.get_context("fork"))
+        return ProcessPoolExecutor(max_workers=min(cores, 8), mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
     except (OSError, ValueError) as err:
         log.warning("decoding in this process: cannot start worker processes (%s)", err)
         return None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Run first in each decoding worker: the worker ends when the process that started it does, however that one
+    ends (a SIGKILL included, which runs no clean-up), instead of waiting forever on the task queue."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # Linux: the kernel kills this process when its parent dies
+    except (OSError, AttributeError) as err:
+        log.warning("decoding worker %d: cannot ask to end with its parent (%s)", os.getpid(), err)
+    if os.getppid() != parent:  # the parent was gone before the request took effect
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (_sigterm_as_exit), if it had one
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While decoding and writing the cache, SIGTERM (a plain ``kill``) raises SystemExit in the main thread, so the
+    worker pool is shut down and the temporary cache file removed as for Ctrl-C. A handler someone else installed is
+    left alone, as is every thread but the main one (only it can install a handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    received: list[int] = []
+
+    def exit_(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if received:  # the SystemExit was raised inside a finaliser, which Python ignores: end now
+        raise SystemExit(128 + received[0])
 
 
 def _decode_all(entries: Iterable[tuple[tuple[str, str, str], bytes]], total: int | None,
@@ -636,23 +680,31 @@ def _read_npz(path: Path) -> _Arrays | None:
 
 def _write_npz(path: Path, arrays: _Arrays) -> None:
     """Write ``arrays`` to ``path`` atomically: readers see the old file, no file, or the whole new one."""
+    # Named by this process, so that the next load can tell a killed writer's leftover (see _remove_stale_caches).
+    tmp = tempfiles.temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        f = open(tmp, "wb")
     except OSError as err:
         warnings.warn(f"cannot write the cache '{path}' ({err}): the next process decodes again; "
                       f"set UNITLIB_CACHE to a writable directory", stacklevel=4)
         return
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             # Uncompressed: reading it back is then a plain copy (zlib would cost about a second per load).
             np.savez(f, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
                      y_test=arrays.y_test, classes=np.array(arrays.classes, dtype=str))
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is no secret
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_caches() -> None:
+    """Remove the temporary cache files that killed processes left (each as large as the data set): those named by
+    a process that is gone, and those of versions that named them without one."""
+    for path in tempfiles.remove_stale(cache_dir(), ".cifar10-jpeg-*.tmp", unowned="cifar10-jpeg-*.npz.*.tmp"):
+        log.info("removed %s, left by a process that ended while writing it", path)
 
 
 @functools.lru_cache(maxsize=2)
@@ -675,17 +727,19 @@ def _jpeg_arrays(kind: str, path: str, stamp: object) -> _Arrays:
         if arrays is not None:
             return arrays
     log.info("decoding %s once; cache: %s", source, cache)
-    if kind == "archive":
-        keys, images = _decode_all(_archive_entries(source), None, f"decoding {source.name}")
-    else:
-        keys, images = _decode_all(_folder_entries(files), len(files), f"decoding {source.name}/")
-    arrays = _assemble(keys, images, str(source))
-    _write_npz(cache, arrays)
+    with _sigterm_as_exit():
+        if kind == "archive":
+            keys, images = _decode_all(_archive_entries(source), None, f"decoding {source.name}")
+        else:
+            keys, images = _decode_all(_folder_entries(files), len(files), f"decoding {source.name}/")
+        arrays = _assemble(keys, images, str(source))
+        _write_npz(cache, arrays)
     return arrays
 
 
 def _load_cifar10_jpeg(root: Path | None, size: int | None) -> Dataset:
     source = _find_jpeg_source(root)
+    _remove_stale_caches()
     resolved = source.path.resolve()
     if source.kind == "archive":
         stamp: object = _stamp(resolved)

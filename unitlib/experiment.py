@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import data, models, results
+from . import data, models, results, tempfiles
 from .config import Experiment
 from .defenses import CleanSplit
 from .metrics import evaluate
@@ -121,6 +121,9 @@ def run(
     dev = resolve_device(device)
     if save:
         results.check_writable(results_dir)
+    # What runs killed while writing left behind: temporary models, checkpoints, triggers and records.
+    for folder in (data.cache_dir() / "models", data.cache_dir() / "attacks", results_dir or results.RESULTS_DIR):
+        tempfiles.remove_stale(folder)
     origin = results.provenance(dev)  # taken first: the code version is the one that starts running
     seconds: dict[str, float] = {}
     torch.manual_seed(exp.seed)

@@ -1,0 +1,202 @@
+"""Bad inputs and interrupted runs: a damaged cache is set aside and the work redone, the book refuses parameters a
+notebook does not have and keeps the last good notebook when a run fails, and a run killed at any moment leaves no
+worker process behind and no temporary file after the next run."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from unitlib import data, tempfiles
+from unitlib.train import Recipe
+
+LINUX_POOL = sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1
+
+
+# -- the training recipe -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+    ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
+    ({"label_smoothing": 2.0}, "label_smoothing must be in [0, 1), got 2.0"),
+])
+def test_recipe_refuses_values_training_cannot_use(changes, message):
+    with pytest.raises(ValueError) as e:
+        Recipe(**changes)
+    assert message in str(e.value)
+
+
+# -- temporary files of killed processes ------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _old(path: Path, text: str = "x") -> Path:
+    path.write_text(text)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return path
+
+
+def test_remove_stale_takes_only_dead_writers_leftovers(tmp_path):
+    dead = _dead_pid()
+    gone = [_old(tmp_path / f".model.safetensors.{dead}.tmp"), _old(tmp_path / f".ckpt.safetensors.{dead}.1234.tmp"),
+            _old(tmp_path / f".a1_attacks.{dead}.tmp.ipynb"), _old(tmp_path / "legacy.npz.k3j_x9a1.tmp")]
+    kept = [_old(tmp_path / f".mine.json.{os.getpid()}.tmp"),  # a live writer's
+            tmp_path / f".fresh.json.{dead}.tmp",  # written after this process started
+            _old(tmp_path / "record.json"), _old(tmp_path / "unowned.npz.abc.tmp")]
+    kept[1].write_text("x")
+    removed = tempfiles.remove_stale(tmp_path, unowned="legacy.npz.*.tmp")
+    assert sorted(removed) == sorted(gone)
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+
+
+def _jpeg(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _archive(folder: Path) -> Path:
+    """A tiny cifar10-jpeg archive: ten classes, three training and one test image each."""
+    path = folder / "cifar10-jpeg.tar.xz"
+    with tarfile.open(path, "w:xz") as tf:
+        for split, n in (("train", 3), ("test", 1)):
+            for c in range(10):
+                for i in range(n):
+                    blob = _jpeg((25 * c, 80 * i, 100))
+                    info = tarfile.TarInfo(f"cifar10-jpeg/{split}/class{c}/{i:04d}.jpg")
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+CHILD = textwrap.dedent("""\
+    import sys, time
+    import numpy as np
+    from unitlib import data
+
+    data._DECODE_CHUNK = 4
+    decode = data._decode_jpegs
+
+    def slow_decode(names, blobs):  # runs in the workers
+        time.sleep(3)
+        return decode(names, blobs)
+
+    def stalled_savez(f, **arrays):  # the cache write stops halfway
+        f.write(b"x" * 4096)
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+
+    if sys.argv[2] == "decode":
+        data._decode_jpegs = slow_decode
+    else:
+        np.savez = stalled_savez
+    data.load("cifar10-jpeg", root=sys.argv[1])
+""")
+
+
+def _child(tmp_path: Path, phase: str) -> subprocess.Popen:
+    _archive(tmp_path)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "UNITLIB_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path), phase], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(condition, seconds: float = 60.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not LINUX_POOL, reason="decoding workers run on Linux with two or more cores")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_decoding_workers_end_with_a_killed_parent(tmp_path, sig):
+    child = _child(tmp_path, "decode")
+    workers: list[int] = []
+    try:
+        assert _wait(lambda: _children(child.pid)), "no decoding worker started"
+        workers = _children(child.pid)
+        child.send_signal(sig)
+        child.wait(timeout=60)
+        assert _wait(lambda: not any(_running(w) for w in workers), 20), f"orphaned workers {workers}"
+        if sig == signal.SIGTERM:  # shut down like Ctrl-C, with the exit status of a SIGTERM
+            assert child.returncode == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+        for pid in workers:  # whatever the outcome, this test leaves no process behind
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and POSIX signals")
+def test_a_killed_cache_write_leaves_no_temp_file_after_the_next_load(tmp_path, monkeypatch):
+    child = _child(tmp_path, "write")
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        temps = list((tmp_path / "cache").glob("*.tmp"))
+        assert len(temps) == 1
+        child.kill()
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert temps[0].exists()
+    # The next run, in a process started after the kill, removes it (and writes a whole cache).
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfiles, "STARTED", time.time())
+    assert len(data.load("cifar10-jpeg", root=tmp_path).x_train) == 30
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    assert len(list((tmp_path / "cache").glob("cifar10-jpeg-*.npz"))) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_sigterm_during_the_cache_write_removes_the_temp_file(tmp_path):
+    child = _child(tmp_path, "write")
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        child.terminate()
+        child.wait(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 128 + signal.SIGTERM
+    assert not list((tmp_path / "cache").glob("*.tmp"))
