@@ -36,6 +36,31 @@ def test_recipe_refuses_values_training_cannot_use(changes, message):
     assert message in str(e.value)
 
 
+# -- a damaged attack cache -------------------------------------------------------------------------------------------
+def test_a_truncated_attack_cache_is_set_aside_and_the_trigger_learned_again(tmp_path, monkeypatch):
+    from unitlib import attacks
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(200, 3, 32, 32, generator=g), torch.arange(200) % 10
+    params = dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=20, candidates=4)
+    first = attacks.get("trojan", **params)
+    first.prepare(x, y)
+    cached = sorted((tmp_path / "attacks").glob("*.safetensors"))
+    assert [p.name.split("-")[0] for p in cached] == ["surrogate", "trojan"]
+    for path in cached:  # both the surrogate model and the trigger, cut short as by a kill
+        path.write_bytes(path.read_bytes()[:100])
+    again = attacks.get("trojan", **params)
+    with pytest.warns(UserWarning) as caught:
+        again.prepare(x, y)
+    messages = [str(w.message) for w in caught]
+    for path in cached:
+        assert any(str(path) in m and "could not be read" in m for m in messages), messages
+        assert path.exists() and len(path.read_bytes()) > 100  # learned again and cached again
+    assert len(list((tmp_path / "attacks").glob("*.corrupt-*"))) == 2
+    assert torch.equal(again.apply(x[:4]), first.apply(x[:4]))
+
+
 # -- temporary files of killed processes ------------------------------------------------------------------------------
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -45,7 +45,21 @@ def cache_path(kind: str, key: dict) -> Path:
 
 
 def load_cached(path: Path) -> dict[str, torch.Tensor] | None:
-    return load_file(str(path)) if path.exists() else None
+    """The tensors cached at ``path``, or None when there are none. A file that cannot be read (truncated by a
+    kill, say) is set aside with a warning naming it, and None returned: the caller redoes the work."""
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors reports damage as its own SafetensorError
+        _set_aside(path, err)
+        return None
+
+
+def _set_aside(path: Path, err: BaseException) -> None:
+    from ..results import set_aside  # imported here: results imports the config, which imports the attacks
+
+    set_aside(path, err)
 
 
 def save_cached(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -71,8 +85,10 @@ def surrogate_model(
     path = cache_path("surrogate", key)
     cached = load_cached(path)
     if cached is not None:
-        model.load_state_dict(cached)
-        return model.to(dev).eval()
+        if {k: v.shape for k, v in cached.items()} == {k: v.shape for k, v in model.state_dict().items()}:
+            model.load_state_dict(cached)
+            return model.to(dev).eval()
+        _set_aside(path, ValueError("its tensors are not this model's"))
     if size is not None and size < len(y):
         idx = data.balanced_subset(y, size, torch.Generator().manual_seed(seed))
         x, y = x[idx], y[idx]
