@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import tempfiles
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 HTML = ROOT / "_build" / "html"
@@ -66,7 +68,10 @@ DEFAULT_TIMEOUT = 900  # seconds per cell: generous for the smoke profile on two
 
 def source(name: str) -> Path:
     """The jupytext MyST source of a page or section."""
-    return ROOT / ("book" if name in PAGES else "notebooks") / f"{name}.md"
+    path = ROOT / ("book" if name in PAGES else "notebooks") / f"{name}.md"
+    if not path.exists():
+        raise ValueError(f"unknown page or section {name!r}; valid: {', '.join(PAGES + SECTIONS)}")
+    return path
 
 
 def output(name: str, build: Path = BUILD) -> Path:
@@ -74,21 +79,59 @@ def output(name: str, build: Path = BUILD) -> Path:
     return build / ("book" if name in PAGES else "notebooks") / f"{name}.ipynb"
 
 
+def parameters(name: str) -> list[str]:
+    """The names the ``parameters`` cell of a page or section assigns: the parameters it can be executed with."""
+    import jupytext
+
+    names: list[str] = []
+    for cell in jupytext.read(source(name)).cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def check_parameters(name: str, params: dict[str, Any]) -> None:
+    """Refuse a parameter the page or section does not have, listing those it has. (papermill would only log a
+    warning and run with the defaults, and it writes each name into the notebook as code.)"""
+    valid = parameters(name)
+    unknown = [k for k in params if k not in valid]
+    if unknown and not valid:
+        raise ValueError(f"{name} takes no parameters (it has no parameters cell), got {', '.join(map(repr, unknown))}")
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {name}; its parameters: "
+                         f"{', '.join(valid)}")
+
+
 def execute(name: str, parameters: dict[str, Any] | None = None, *, out: Path | None = None,
             timeout: int = DEFAULT_TIMEOUT) -> Path:
-    """Execute one page or section with papermill (``parameters`` override its ``parameters`` cell)."""
+    """Execute one page or section with papermill (``parameters`` override its ``parameters`` cell). The notebook
+    is executed into a temporary file and moved to ``out`` only when every cell ran: a failed run leaves the
+    notebook of the last good run in place, and its own as ``<name>.failed.ipynb`` beside it."""
     import jupytext
     import papermill
 
     src = source(name)
-    if not src.exists():
-        raise ValueError(f"unknown page or section {name!r}; valid: {', '.join(PAGES + SECTIONS)}")
+    check_parameters(name, parameters or {})
     out = out or output(name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        jupytext.read(src), str(out), parameters=parameters or {}, kernel_name="python3",
-        execution_timeout=timeout, cwd=str(src.parent), progress_bar=False, report_mode=False,
-    )
+    tempfiles.remove_stale(out.parent)  # a run killed before it finished
+    tmp = tempfiles.temp_name(out, ".tmp.ipynb")
+    failed = out.with_name(f"{out.stem}.failed.ipynb")
+    try:
+        papermill.execute_notebook(
+            jupytext.read(src), str(tmp), parameters=parameters or {}, kernel_name="python3",
+            execution_timeout=timeout, cwd=str(src.parent), progress_bar=False, report_mode=False,
+        )
+    except BaseException as err:
+        if tmp.exists():
+            os.replace(tmp, failed)
+            err.add_note(f"{name}: the failed run's notebook is {failed}; {out} is unchanged")
+        raise
+    os.replace(tmp, out)
+    failed.unlink(missing_ok=True)
     return out
 
 
@@ -151,6 +194,8 @@ def html(*, strict: bool = True) -> Path:
 def build(parameters: dict[str, Any] | None = None, *, timeout: int = DEFAULT_TIMEOUT, log=print) -> dict[str, float]:
     """Execute every page and section (``parameters`` go to the sections), then render the book. Returns the
     seconds of each step."""
+    for name in SECTIONS:
+        check_parameters(name, parameters or {})
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     assets()
@@ -199,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(html() / "index.html")
     else:
         params = {k: _value(v) for k, v in args.parameter}
+        try:  # before anything runs: a typo in a name is not a run with the defaults
+            for name in SECTIONS if args.command == "build" else [args.name]:
+                check_parameters(name, params)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if args.command == "build":
             build(params, timeout=args.timeout)
         else:
