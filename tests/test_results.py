@@ -130,3 +130,10 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=re.escape(f"results directory '{tmp_path / 'file' / 'sub'}' is not writable")):
         results.check_writable(tmp_path / "file" / "sub")
+
+
+def test_find_skips_a_damaged_record_with_a_warning(tmp_path):
+    path = results.save(_record(), tmp_path)
+    path.write_text(path.read_text()[:50])
+    with pytest.warns(UserWarning, match=re.escape(f"skipping {path}: not a readable JSON record")):
+        assert results.find(profile("smoke"), tmp_path) is None

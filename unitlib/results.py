@@ -150,10 +150,15 @@ def load(path: str | os.PathLike) -> Record:
 
 
 def find(experiment: Experiment, directory: str | os.PathLike | None = None) -> Record | None:
-    """The stored record of exactly this experiment, if any."""
+    """The stored record of exactly this experiment, if any (a file of its name that is not a readable record is
+    skipped with a warning naming it, as by :func:`load_all`)."""
     key = experiment.key()
     for path in Path(directory or RESULTS_DIR).glob(f"*__{key[:12]}.json"):
-        record = load(path)
+        try:
+            record = load(path)
+        except ValueError as err:
+            warnings.warn(f"skipping {err}", stacklevel=2)
+            continue
         if record.key == key:
             return record
     return None
