@@ -33,18 +33,27 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> float:
     return (predict(model, x, **kw) == y.cpu()).sum().item() / len(y)
 
 
-def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, **kw) -> float:
-    """Share of non-target-class images that, with the trigger, are classified as the target."""
-    keep = y != attack.target
-    if not keep.any():
-        raise ValueError(f"no test image outside target class {attack.target}")
-    xs = x[keep]
-    if xs.dtype == torch.uint8:
-        xs = xs.float().div_(255)
-    triggered = torch.cat([attack.apply(xs[i : i + 1000]).clamp(0, 1) for i in range(0, len(xs), 1000)])
-    return (predict(model, triggered, **kw) == attack.target).sum().item() / len(triggered)
+def attack_success_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, *, key: str = "asr",
+                        **kw) -> float:
+    """Share of the attack's ``key`` images (``asr``: the non-target-class ones) that, with the trigger, are
+    classified as the target."""
+    xs = attack.asr_sets(x, y)[key]
+    if not len(xs):
+        raise ValueError(f"no test image for {key} (target class {attack.target})")
+    trigger = attack.trigger_for(key)
+    triggered = []
+    for i in range(0, len(xs), 1000):
+        part = xs[i : i + 1000]
+        part = part.float().div(255) if part.dtype == torch.uint8 else part
+        triggered.append(trigger(part).clamp(0, 1))
+    triggered_all = torch.cat(triggered)
+    return (predict(model, triggered_all, **kw) == attack.target).sum().item() / len(triggered_all)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, **kw) -> dict[str, float]:
-    """``clean_acc`` and ``asr`` of ``model`` on a test set."""
-    return {"clean_acc": accuracy(model, x, y, **kw), "asr": attack_success_rate(model, x, y, attack, **kw)}
+    """``clean_acc`` and ``asr`` of ``model`` on a test set, and any ASR the attack adds (e.g. the label-specific
+    attack's ``asr_non_victim``)."""
+    out = {"clean_acc": accuracy(model, x, y, **kw)}
+    for key in attack.asr_sets(x[:0], y[:0]):
+        out[key] = attack_success_rate(model, x, y, attack, key=key, **kw)
+    return out

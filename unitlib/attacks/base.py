@@ -79,6 +79,16 @@ class Attack:
         """Stamp the test-time trigger on images in [0, 1]; returns new images in [0, 1]."""
         raise NotImplementedError
 
+    def asr_sets(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The test images whose rate of landing on the target, once triggered, is reported, by metric name:
+        ``asr`` (every attack: the non-target-class images) and any attack-specific ones."""
+        return {"asr": x[y != self.target]}
+
+    def trigger_for(self, key: str):
+        """The trigger stamped on the images of ``asr_sets()[key]`` (:meth:`apply` unless an attack says otherwise)."""
+        del key
+        return self.apply
+
     def apply_train(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger as stamped at poisoning time (the same as at test time unless an attack says otherwise)."""
         return self.apply(x)
