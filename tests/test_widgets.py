@@ -130,6 +130,23 @@ def test_figures_draw():
     plots.to_png(plots.sweep_lines(sweep, "target"))
 
 
+def test_comparison_bars_draw_one_bar_per_row():
+    # Table 7's shape: No Defense and UNIT for each activation; they must not be averaged into one bar
+    df = pd.DataFrame({"activation": ["ReLU", "ReLU", "Tanh", "Tanh"], "defense": ["No Defense", "UNIT"] * 2,
+                       "ours acc": [90.0, 88.0, 85.0, 84.0], "ours asr": [100.0, 2.0, 99.0, 3.0],
+                       "paper acc": [94.0, 92.0, float("nan"), 90.0], "paper asr": [100.0, 1.0, 100.0, 2.0],
+                       "status": ["reproduced"] * 4})
+    data = plots.comparison_data(df, "activation")
+    asr = data[(data.metric == "asr") & (data.source == "ours")]
+    assert list(asr["bar"]) == ["ReLU · No Defense", "ReLU · UNIT", "Tanh · No Defense", "Tanh · UNIT"]
+    assert list(asr["value"]) == [100.0, 2.0, 99.0, 3.0]
+    assert len(data[(data.metric == "acc") & (data.source == "paper")]) == 3  # a missing number is no bar
+    fig = plots.comparison_bars(df, "activation")
+    bars = [p for p in fig.axes[1].patches if p.get_width() > 0]
+    assert sorted(round(b.get_width(), 3) for b in bars) == sorted([100.0, 2.0, 99.0, 3.0, 100.0, 1.0, 100.0, 2.0])
+    assert not fig.axes[1].lines  # no error bars: nothing was averaged
+
+
 def test_book_cli_parses_parameters():
     assert book._value("['badnets', 'blend']") == ["badnets", "blend"]
     assert book._value("None") is None and book._value("true") is True and book._value("0.03") == 0.03

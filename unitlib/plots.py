@@ -15,7 +15,7 @@ import seaborn as sns
 import torch
 
 __all__ = [
-    "PALETTE", "activation_figure", "comparison_bars", "sensitivity_bars", "set_theme", "sweep_lines",
+    "PALETTE", "activation_figure", "comparison_bars", "comparison_data", "sensitivity_bars", "set_theme", "sweep_lines",
     "tightening_curves", "tightening_illustration", "to_png", "trigger_figure",
 ]
 
@@ -77,25 +77,37 @@ def _normalise(d: torch.Tensor) -> torch.Tensor:
     return d / top if top > 0 else d
 
 
-def comparison_bars(df: pd.DataFrame, label: str, *, title: str = "") -> plt.Figure:
-    """Ours beside the paper's, per row of a comparison table (columns ``ours acc``, ``ours asr``, ``paper acc``,
-    ``paper asr``): two panels, clean accuracy and ASR. Missing numbers are left out, not drawn as zero."""
-    set_theme()
+def comparison_data(df: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The bars of :func:`comparison_bars`, one per table row, metric and source (long format). A bar's name joins
+    every label column that varies in ``df`` (``label`` first), so rows that share ``label`` (No Defense and UNIT
+    for the same activation, one defense on several attacks) are never merged into one bar."""
+    label_cols = [c for c in df.columns if not str(c).startswith(("ours", "paper", "status"))]
+    varying = [c for c in label_cols if df[c].astype(str).nunique() > 1]
+    key_cols = [label] + [c for c in varying if c != label] if label in df.columns else varying or label_cols[:1]
     long = []
     for _, row in df.iterrows():
+        name = " · ".join(str(row[c]) for c in key_cols)
         for source in ("ours", "paper"):
             for metric in ("acc", "asr"):
                 v = row.get(f"{source} {metric}")
                 if v is not None and not pd.isna(v):
-                    long.append({label: str(row[label]), "source": source, "metric": metric, "value": float(v)})
-    data = pd.DataFrame(long, columns=[label, "source", "metric", "value"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * max(len(df), 4) + 1), sharey=True)
-    order = list(dict.fromkeys(str(x) for x in df[label]))
+                    long.append({"bar": name, "source": source, "metric": metric, "value": float(v)})
+    return pd.DataFrame(long, columns=["bar", "source", "metric", "value"])
+
+
+def comparison_bars(df: pd.DataFrame, label: str, *, title: str = "") -> plt.Figure:
+    """Ours beside the paper's, per row of a comparison table (columns ``ours acc``, ``ours asr``, ``paper acc``,
+    ``paper asr``): two panels, clean accuracy and ASR, one pair of bars per row (:func:`comparison_data`). Missing
+    numbers are left out, not drawn as zero."""
+    set_theme()
+    data = comparison_data(df, label)
+    order = list(dict.fromkeys(data["bar"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.35 * max(len(order), 4) + 1), sharey=True)
     for ax, metric, name in zip(axes, ("acc", "asr"), ("clean accuracy (%)", "ASR (%)")):
         part = data[data.metric == metric]
         if len(part):
-            sns.barplot(part, y=label, x="value", hue="source", order=order, hue_order=["ours", "paper"],
-                        palette=[PALETTE["ours"], PALETTE["paper"]], ax=ax, orient="h")
+            sns.barplot(part, y="bar", x="value", hue="source", order=order, hue_order=["ours", "paper"],
+                        palette=[PALETTE["ours"], PALETTE["paper"]], ax=ax, orient="h", errorbar=None)
         ax.set_xlim(0, 100)
         ax.set_xlabel(name)
         ax.set_ylabel("")
