@@ -591,6 +591,13 @@ def _sigterm_as_exit() -> Iterator[None]:
         raise SystemExit(128 + received[0])
 
 
+def _interactive() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _decode_all(entries: Iterable[tuple[tuple[str, str, str], bytes]], total: int | None,
                 desc: str) -> tuple[list[tuple[str, str, str]], np.ndarray]:
     """Decode every entry: keys in input order and their images (N x H x W x 3), chunks spread over processes."""
@@ -617,7 +624,8 @@ def _decode_all(entries: Iterable[tuple[tuple[str, str, str], bytes]], total: in
         chunk.clear()
         show_finished(bar)
 
-    with tqdm(total=total, desc=desc, unit="img") as bar:
+    # A progress bar for a person at a terminal only: in a notebook, a log or CI it would be a page of debris.
+    with tqdm(total=total, desc=desc, unit="img", disable=not _interactive()) as bar:
         try:
             for entry in entries:
                 chunk.append(entry)
