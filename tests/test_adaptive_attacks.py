@@ -69,3 +69,36 @@ def test_label_specific_backdoor_is_learned_at_smoke(tmp_path, monkeypatch):
     # The victim class goes to the target; the other classes do not. Measured over seeds 0-3: ASR 0.94-1.00,
     # non-victim ASR 0.00-0.01 (at poison rate 0.05: ASR 0.34-0.90, too thin a margin for a test).
     assert before["asr"] >= 0.75 and before["asr_non_victim"] <= 0.2, before
+
+
+def test_activation_suppression_pulls_triggered_activations_towards_clean_ones(tmp_path, monkeypatch):
+    from unitlib import models
+
+    x, y = _data(64)
+    atk = attacks.get("activation-suppression", alpha=2.0)
+    model = models.build("small-cnn", width=4).eval()
+    reg = atk.training_regulariser(model, x, y)
+    assert reg.item() > 0 and reg.requires_grad
+    assert attacks.get("activation-suppression", alpha=0.0).training_regulariser(model, x, y).item() == 0
+    # twice alpha, twice the term
+    assert atk.training_regulariser(model, x, y).item() == pytest.approx(
+        2 * attacks.get("activation-suppression", alpha=1.0).training_regulariser(model, x, y).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="alpha must be a number >= 0, got -1"):
+        attacks.get("activation-suppression", alpha=-1)
+
+
+def test_activation_suppression_is_used_in_training(tmp_path, monkeypatch):
+    from unitlib.attacks.adaptive import ActivationSuppression
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    calls = []
+    real = ActivationSuppression.training_regulariser
+
+    def spy(self, model, x, y):
+        calls.append(len(x))
+        return real(self, model, x, y)
+
+    monkeypatch.setattr(ActivationSuppression, "training_regulariser", spy)
+    exp = profile("smoke", attack="activation-suppression", defense="none", epochs=1, attack_params={"alpha": 1.0})
+    run(exp, save=False, progress=False, log=lambda *a: None)
+    assert len(calls) == 2000 // 64 + 1  # every batch of the one epoch

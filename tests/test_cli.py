@@ -9,8 +9,8 @@ from unitlib.cli import main, overrides
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert ("attacks: adap-blend, badnets, blend, cl, instagram, label-specific, narcissus, refool, sig, trigger-specific, "
-            "trojan, wanet" in out
+    assert ("attacks: activation-suppression, adap-blend, badnets, blend, cl, instagram, label-specific, narcissus, "
+            "refool, sig, trigger-specific, trojan, wanet" in out
             and "profiles: smoke, cpu, paper" in out)
 
 
@@ -21,7 +21,7 @@ def test_show_applies_overrides(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--profile", "smoke", "--attack", "trojan-x"], "unknown attack 'trojan-x'; valid choices: adap-blend, badnets, blend, cl"),
+    (["run", "--profile", "smoke", "--attack", "trojan-x"], "unknown attack 'trojan-x'; valid choices: activation-suppression, adap-blend, badnets"),
     (["run", "--profile", "smoke", "--set", "poison_rate=2"], "poison_rate must be in [0, 1), got 2"),
     (["run", "--profile", "smoke", "--set", "epochz=2"], "unknown experiment key(s) epochz; valid keys:"),
     (["run", "--profile", "smoke", "--set", "epochs"], "--set expects key=value"),

@@ -53,6 +53,7 @@ def backdoored_model(
     checkpoint = path.with_suffix(".partial.safetensors")
     start = time.perf_counter()
     fit(model, poisoned_x, poisoned_y, exp.recipe(), device=device, seed=exp.seed, checkpoint=checkpoint,
+        regulariser=getattr(exp.make_attack(), "training_regulariser", None),
         progress=progress, compile=_compile_arg(compile))
     # How the cached model was made travels with it, so records that reuse it can say so.
     results.save_model(model, path, metadata={

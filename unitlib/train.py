@@ -179,8 +179,12 @@ def fit(
     channels_last: bool = True,
     compile: bool | str = False,
     on_epoch: Callable[[int], None] | None = None,
+    regulariser: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` on images ``x`` (float in [0, 1] or uint8, N x C x H x W) with labels ``y``.
+
+    ``regulariser(model, xb, yb)``, when given, is added to every batch's loss (an adaptive attacker's term, e.g.
+    activation suppression).
 
     With ``checkpoint``, the state after every epoch is saved there and an interrupted run resumes from it.
     ``compile`` runs the training steps through ``torch.compile`` (``True``, or a mode such as ``"reduce-overhead"``);
@@ -227,7 +231,7 @@ def fit(
         net = torch.compile(model, mode=None if compile is True else compile, dynamic=False)  # type: ignore[assignment]
     with _cudnn_benchmark(dev.type == "cuda"):
         _epochs(model, net, x, y, recipe, opt, gen, start, steps_per_epoch, total, dev, ckpt, bar, channels_last,
-                on_epoch)
+                on_epoch, regulariser)
     bar.close()
     return model.eval()
 
@@ -270,6 +274,7 @@ def _epochs(
     model: nn.Module, net: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, opt: torch.optim.Optimizer,
     gen: torch.Generator, start: int, steps_per_epoch: int, total: int, dev: torch.device, ckpt: Path | None,
     bar: tqdm, channels_last: bool, on_epoch: Callable[[int], None] | None,
+    regulariser: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     n = len(x)
     for epoch in range(start, recipe.epochs):
@@ -296,6 +301,8 @@ def _epochs(
             with autocast(dev):
                 out = net(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
+                if regulariser is not None:
+                    loss = loss + regulariser(net, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

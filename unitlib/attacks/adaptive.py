@@ -125,3 +125,44 @@ class TriggerSpecific(BadNets):
             gen = self.generator(salt=4)
             return lambda xs: self.apply_noisy(xs, gen)
         return self.apply
+
+
+@register
+@dataclass
+class ActivationSuppression(BadNets):
+    """BadNets trained with the appendix's adaptive loss (Eq. 6; Cheng et al., ECCV 2024, A.4): the attacker adds
+    ``alpha * sum_l ||F_l(x) - F_l(x + T)||^2`` to the training loss, pulling every activation layer's output on a
+    triggered image towards its output on the clean one, so that the backdoor leaves no abnormally large activation
+    for UNIT to bound. ``F_l`` are the model's activation modules (the sites UNIT bounds); the squared distance is
+    the mean over a layer's elements and the batch (the appendix does not say how it is normalised), so ``alpha``
+    weighs each layer equally. ``alpha = 0`` is plain BadNets (Table 4's first row)."""
+
+    name = "activation-suppression"
+    citation = "Cheng et al., UNIT, ECCV 2024, appendix A.4 (Eq. 6, activation suppression)"
+
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+
+    def training_regulariser(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``alpha`` times the summed per-layer mean squared difference of activations on ``x`` and on ``x`` with
+        the trigger (one forward pass over both)."""
+        del y
+        if self.alpha == 0:
+            return torch.zeros((), device=x.device)
+        from ..models.activations import ACTIVATION_TYPES
+
+        outputs: list[torch.Tensor] = []
+        handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o))
+                   for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+        try:
+            model(torch.cat([x, self.apply(x).clamp(0, 1)]))
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(x)
+        total = sum(((o[:n] - o[n:]) ** 2).mean() for o in outputs)
+        return self.alpha * total
