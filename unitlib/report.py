@@ -479,3 +479,44 @@ def tightening_records(profile_name: str = "cpu", attack: str = "Blend", seed: i
         if record is not None:
             found[label] = record
     return found
+
+
+UNIT_ATTACKS = ["BadNets", "Trojan", "CL", "Reflection", "SIG", "Blend", "WaNet", "Instagram", "Adap-Blend",
+                "NARCISSUS"]
+
+
+def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
+               directory: str | Path | None = None) -> pd.DataFrame:
+    """UNIT on each implemented attack of the appendix at ``profile_name`` (the book's experiments), one row per
+    attack and seed with a record: clean accuracy / ASR without defense, with UNIT's defaults and with the official
+    code's schedule (percent), and for each UNIT run the step whose bounds were kept, the steps run, why tightening
+    ended, the kept bounds' validation accuracy against the budget's threshold, and the defense's seconds."""
+    from .defenses.unit import OFFICIAL_SCHEDULE
+
+    sec = Section(name="unit", profile=profile_name)
+    index = RecordIndex([Path(directory or store.RESULTS_DIR)])
+    runs = {"UNIT": {}, "official": dict(OFFICIAL_SCHEDULE)}
+    rows = []
+    for attack in UNIT_ATTACKS:
+        for seed in seeds:
+            row: dict[str, Any] = {"attack": attack, "seed": seed}
+            found = False
+            for label, params in runs.items():
+                exp = sec.experiment(Cell({}, attack, "UNIT", defense_params=params), seed)
+                rec = index.by_key.get(exp.key()) if exp is not None else None
+                if rec is None:
+                    continue
+                found = True
+                r, before, after = rec.report, rec.metrics["before"], rec.metrics["after"]
+                row["poison rate"] = rec.config["poison_rate"]
+                row["no defense"] = f"{100 * before['clean_acc']:.2f} / {100 * before['asr']:.2f}"
+                row[label] = f"{100 * after['clean_acc']:.2f} / {100 * after['asr']:.2f}"
+                row[f"{label} kept step"] = f"{r['best_step']} of {r.get('steps_run', len(r['history']))}"
+                row[f"{label} stop"] = r.get("stop_reason", "")
+                row[f"{label} val / threshold"] = f"{100 * r['final_val_acc']:.1f} / {100 * r['threshold']:.1f}"
+                row[f"{label} s"] = round(rec.seconds["defense"])
+            if found:
+                rows.append(row)
+    columns = ["attack", "seed", "poison rate", "no defense"] + [
+        f"{label}{suffix}" for label in runs for suffix in ("", " kept step", " stop", " val / threshold", " s")]
+    return pd.DataFrame(rows, columns=columns)
