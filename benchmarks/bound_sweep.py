@@ -6,14 +6,13 @@ An analysis, not a defense: it reads test images to show the trade-off curve, wh
 
     python benchmarks/bound_sweep.py --attack blend [--profile cpu] [--out benchmarks/out/bound-sweep-blend.json]
 
-The backdoored model must be in the cache (run ``python -m unitlib run`` for the attack first)."""
+The backdoored model comes from the cache (trained first, through the one pipeline, if it is not there)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,20 +26,13 @@ from unitlib.train import augment
 
 def sweep(attack: str, profile: str, n_test: int) -> dict:
     exp = config.profile(profile, attack=attack)
-    ds = data.load(exp.dataset, size=exp.train_size)
-    path = results.model_path(exp, ds.digest)
-    if not path.exists():
-        sys.exit(f"no cached model for {attack} at profile {profile}: run "
-                 f"`python -m unitlib run --profile {profile} --attack {attack}` first")
-    atk = exp.make_attack()
-    x_train = data.to_float(ds.x_train)
-    atk.prepare(x_train, ds.y_train, device="cpu", progress=False)
-    poisoned = atk.poison(x_train, ds.y_train)
-    model = results.load_model(experiment.build_model(exp, ds), path).eval()
-    opt_idx, val_idx = data.defense_split(ds.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    ready = experiment.setup(exp, device="cpu", progress=False, log=lambda *a: None)
+    if ready.cached_meta is None:
+        print(f"note: the backdoored model of {attack} at profile {profile} was not cached; trained it now")
+    ds, atk, model = ready.dataset, ready.attack, ready.model.eval()
     # the same statistics UNIT starts from: the augmented optimise split
-    x_opt = augment(_float(ds.x_train[opt_idx]), crop=4, flip=True, generator=torch.Generator().manual_seed(0))
-    x_val, y_val = _float(ds.x_train[val_idx]), ds.y_train[val_idx]
+    x_opt = augment(_float(ready.clean.x_opt), crop=4, flip=True, generator=torch.Generator().manual_seed(0))
+    x_val, y_val = _float(ready.clean.x_val), ready.clean.y_val
     pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(1))[:n_test]
     x_test, y_test = data.to_float(ds.x_test[pick]), ds.y_test[pick]
     x_trig = atk.apply(x_test[y_test != exp.target])

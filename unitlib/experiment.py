@@ -6,11 +6,13 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import data, models, results, tempfiles
+from .attacks import Attack, Poisoned
 from .config import Experiment
 from .defenses import CleanSplit
 from .metrics import evaluate
@@ -103,6 +105,51 @@ def remember_evaluation(exp: Experiment, dataset: data.Dataset, metrics: dict[st
         results.write_json(_evaluation_path(exp, dataset), {"tag": _evaluation_tag(exp, dataset), "metrics": metrics})
 
 
+@dataclass
+class Setup:
+    """Everything before the defense: the data, the prepared attack, the poisoned training set, the backdoored model
+    (trained or from the cache, with the cache's metadata or None) and the defender's clean split (never a poisoned
+    sample, never test data), with the seconds of each stage."""
+
+    dataset: data.Dataset
+    attack: Attack
+    poisoned: Poisoned
+    model: nn.Module
+    cached_meta: dict[str, str] | None
+    clean: CleanSplit
+    opt_idx: torch.Tensor
+    val_idx: torch.Tensor
+    seconds: dict[str, float]
+
+
+def setup(
+    exp: Experiment, *, device: str | torch.device | None = None, data_root: str | os.PathLike | None = None,
+    progress: bool = True, compile: str = "off", log=print,
+) -> Setup:
+    """The one pipeline up to the defense, as :func:`run` uses it (and the widgets and benchmarks with it)."""
+    dev = resolve_device(device)
+    seconds: dict[str, float] = {}
+    torch.manual_seed(exp.seed)
+    with _timer(seconds, "data"):
+        dataset = data.load(exp.dataset, data_root, size=exp.train_size)
+    attack = exp.make_attack()
+    if exp.target >= dataset.num_classes:
+        raise ValueError(f"target {exp.target} is not a class of {exp.dataset} (0..{dataset.num_classes - 1})")
+    with _timer(seconds, "poison"):
+        x_train = data.to_float(dataset.x_train)
+        # Trojan, CL and NARCISSUS learn their trigger from a clean or surrogate model first (cached); others no-op.
+        attack.prepare(x_train, dataset.y_train, device=dev, progress=progress)
+        poisoned = attack.poison(x_train, dataset.y_train)
+    with _timer(seconds, "train"):
+        model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress,
+                                              compile=compile)
+    log(f"backdoored model {'loaded from cache' if cached_meta is not None else 'trained'} in {seconds['train']:.1f}s")
+    opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],
+                       dataset.x_train[val_idx], dataset.y_train[val_idx])
+    return Setup(dataset, attack, poisoned, model, cached_meta, clean, opt_idx, val_idx, seconds)
+
+
 def run(
     exp: Experiment,
     *,
@@ -126,23 +173,11 @@ def run(
     for folder in (data.cache_dir() / "models", data.cache_dir() / "attacks", results_dir or results.RESULTS_DIR):
         tempfiles.remove_stale(folder)
     origin = results.provenance(dev)  # taken first: the code version is the one that starts running
-    seconds: dict[str, float] = {}
-    torch.manual_seed(exp.seed)
-    with _timer(seconds, "data"):
-        dataset = data.load(exp.dataset, data_root, size=exp.train_size)
-    attack = exp.make_attack()
-    if exp.target >= dataset.num_classes:
-        raise ValueError(f"target {exp.target} is not a class of {exp.dataset} (0..{dataset.num_classes - 1})")
-    with _timer(seconds, "poison"):
-        x_train = data.to_float(dataset.x_train)
-        # Trojan, CL and NARCISSUS learn their trigger from a clean or surrogate model first (cached); others no-op.
-        attack.prepare(x_train, dataset.y_train, device=dev, progress=progress)
-        poisoned = attack.poison(x_train, dataset.y_train)
-    with _timer(seconds, "train"):
-        model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress,
-                                              compile=compile)
+    ready = setup(exp, device=dev, data_root=data_root, progress=progress, compile=compile, log=log)
+    dataset, attack, poisoned, model, cached_meta = (ready.dataset, ready.attack, ready.poisoned, ready.model,
+                                                     ready.cached_meta)
+    seconds = dict(ready.seconds)
     cached = cached_meta is not None
-    log(f"backdoored model {'loaded from cache' if cached else 'trained'} in {seconds['train']:.1f}s")
     with _timer(seconds, "eval_before"):
         before = cached_evaluation(exp, dataset) if cached else None
         before_cached = before is not None
@@ -151,10 +186,7 @@ def run(
             remember_evaluation(exp, dataset, before)
     log(f"before {exp.defense}: clean_acc {before['clean_acc']:.2%}  asr {before['asr']:.2%}")
 
-    # The defender's clean data: never poisoned samples, never test data.
-    opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
-    clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],
-                       dataset.x_train[val_idx], dataset.y_train[val_idx])
+    clean, opt_idx, val_idx = ready.clean, ready.opt_idx, ready.val_idx
     defense = exp.make_defense()
     with _timer(seconds, "defense"):
         defended = defense(model, clean, device=dev, progress=progress)

@@ -211,44 +211,33 @@ def _activations(model: torch.nn.Module, names: list[str], x: torch.Tensor, chun
 
 def unit_views(exp, *, n_images: int = 200, device: str = "cpu", data_root: str | None = None,
                log=print) -> tuple[list[LayerView], dict[str, Any]]:
-    """Train (or load from the cache) the backdoored model of ``exp``, run UNIT on the defender's clean data as
-    ``exp`` says, and return each bounded layer's view plus a summary (metrics before/after, setting)."""
+    """The backdoored model of ``exp`` (trained or from the cache, through the one pipeline,
+    :func:`unitlib.experiment.setup`), defended as ``exp`` says, and each bounded layer's view plus a summary
+    (metrics before/after, setting)."""
     from . import data
-    from .defenses import CleanSplit
-    from .experiment import backdoored_model
+    from .experiment import setup
     from .metrics import evaluate
     from .train import resolve_device
 
     dev = resolve_device(device)
-    torch.manual_seed(exp.seed)
-    dataset = data.load(exp.dataset, data_root, size=exp.train_size)
-    attack = exp.make_attack()
-    x_train = data.to_float(dataset.x_train)
-    attack.prepare(x_train, dataset.y_train, device=dev, progress=False)
-    poisoned = attack.poison(x_train, dataset.y_train)
-    model, cached = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=False)
-    log(f"backdoored model {'loaded from the cache' if cached else 'trained'} ({exp.profile} profile)")
-    opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
-    clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],
-                       dataset.x_train[val_idx], dataset.y_train[val_idx])
+    ready = setup(exp, device=dev, data_root=data_root, progress=False, log=lambda *a: None)
+    model, dataset, attack = ready.model, ready.dataset, ready.attack
+    log(f"backdoored model {'loaded from the cache' if ready.cached_meta is not None else 'trained'} "
+        f"({exp.profile} profile)")
     defense = exp.make_defense()
-    defended = defense(model, clean, device=dev, progress=False)
+    defended = defense(model, ready.clean, device=dev, progress=False)
     sites = list(defended.layers)
-    # The initial bound recomputed for the figure (UNIT's own is not kept): mean + init_std * std of the clean
-    # activations, over at most 500 of the defender's images.
-    x_opt = data.to_float(clean.x_opt[:500]).to(dev)
-    stats = _activations(model, sites, x_opt)
     keep = dataset.y_test != exp.target
     x_test = data.to_float(dataset.x_test[keep][:n_images]).to(dev)
     x_trig = attack.apply(x_test).clamp(0, 1)
     acts_clean, acts_pois = _activations(model, sites, x_test), _activations(model, sites, x_trig)
     bounds = {n: b.cpu().numpy() for n, b in defended.bound_values().items()}
-    init_std = getattr(defense, "init_std", 4.0)
+    initial = {n: b.numpy() for n, b in getattr(defense, "initial", {}).items()}
     views = []
     for n in sites:
-        s = stats[n]
-        initial = s.mean(0) + init_std * s.std(0, ddof=1)
-        views.append(LayerView(n, acts_clean[n], acts_pois[n], np.broadcast_to(bounds[n], s.shape[1:]), initial))
+        shape = acts_clean[n].shape[1:]
+        views.append(LayerView(n, acts_clean[n], acts_pois[n], np.broadcast_to(bounds[n], shape),
+                               np.broadcast_to(initial.get(n, bounds[n]), shape)))
     before = evaluate(model, dataset.x_test, dataset.y_test, attack, device=dev)
     after = evaluate(defended, dataset.x_test, dataset.y_test, attack, device=dev)
     summary = {"before": before, "after": after, "setting": _setting(exp.to_dict()), "attack": exp.attack,

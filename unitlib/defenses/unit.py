@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -307,6 +307,9 @@ class UNIT(Defense):
     augment: bool = True
     project: bool = False
     seed: int = 0
+    # The bounds the last run started from (mean + init_std std of its clean activations), by site: what UNIT
+    # tightened, for figures that show both.
+    initial: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, valid in (("granularity", GRANULARITIES), ("mode", MODES), ("surrogate", SURROGATES),
@@ -365,6 +368,7 @@ class UNIT(Defense):
         # The original model's accuracy, measured before any bound is placed.
         base = accuracy(model, x_val, y_val, batch_size=self.chunk, device=dev)
         stats = clean_statistics(model, x_opt, layers=self.layers, granularity=self.granularity, chunk=self.chunk)
+        self.initial = {n: b.detach().clamp(min=0).cpu() for n, b in stats.bounds(self.init_std).items()}
         bounded = BoundedModel(model, stats.bounds(self.init_std), self.mode).to(dev)
         temperatures = None
         if self.mode == "reject" and self.surrogate == "sigmoid":
