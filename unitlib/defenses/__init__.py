@@ -15,13 +15,17 @@ from .unit import UNIT, BoundedModel
 
 # Budgets that take seconds on the `smoke` profile's synthetic data and tiny CNN and still remove its planted
 # BadNets backdoor (tests/test_defenses.py checks that they do). The defaults are the papers' and take minutes to
-# hours there: a smoke run of a baseline should use these.
+# hours there: a smoke run of a baseline should use these. Measured on planted models of seeds
+# 0-5 (one thread; a new CPU's float rounding changes a model as a new seed does; benchmarks/smoke_margins.py), the
+# bars of tests/test_defenses.py (ASR after <= 0.4, lowered by >= 0.5, clean accuracy >= 0.5) hold on every seed
+# with these margins: FP ASR <= 0.24 (accuracy >= 0.51, a thin margin), FT ASR <= 0.20 (8 epochs; 4 left 0.60-0.64
+# on two seeds); on seeds 0-2, ANP ASR <= 0.15, I-BAU ASR <= 0.05, NC ASR <= 0.18. NAD held on 5 of 6 seeds (0.43 on seed 1)
+# and SEAM on 4 of 6 (0.99-1.00 on seeds 1 and 3) under every smoke budget tried (more teacher epochs, a larger
+# beta or lr for NAD; larger forget sets, higher forget lr, shorter recovery for SEAM): their tests use seed 0,
+# where both pass.
 SMOKE_PARAMS: dict[str, dict[str, object]] = {
-    "ft": {"epochs": 4, "lr": 0.1, "lr_step": 0},
+    "ft": {"epochs": 8, "lr": 0.1, "lr_step": 0},
     "fp": {"ratio": 0.8, "epochs": 3, "lr": 0.05},
-    # NAD's window is narrow at smoke: with 5 epochs, lr 0.003 leaves 87% ASR and 0.007 halves accuracy; 0.004-0.006
-    # remove the backdoor (measured on an AMD EPYC, one thread; lr 0.002 for 3 epochs, enough on an Intel Xeon,
-    # left 97% there).
     "nad": {"epochs": 5, "teacher_epochs": 3, "teacher_lr": 0.1, "lr": 0.005},
     "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3},
     "anp": {"iterations": 100, "batch_size": 32, "alpha": 0.05, "threshold": 0.6},
