@@ -1,4 +1,6 @@
-"""The labs' tooling, on a small fixture lab that passes, fails and raises in known ways."""
+"""The labs: the grader's tooling on a small fixture lab that passes, fails and raises in known ways; every lab's
+reference solution executed at the smoke profile and graded (all pass), and its student's copy graded unanswered
+(every exercise not done, none an error)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from unitlib.labs import __main__ as cli
 from unitlib.labs import catalogue, notebooks, timing
 from unitlib.labs.grading import FAILED, NOT_CHECKED, NOT_DONE, PASSED, Lab
 
-ROOT = Path(__file__).resolve().parent.parent
 
 FIXTURE = '''---
 jupytext:
@@ -283,6 +284,36 @@ def test_cli_check_exit_codes_and_json(fixture_lab, tmp_path, capsys):
     nbformat.write(nbformat.v4.new_notebook(), plain)
     assert cli.main(["check", str(plain)]) == 2
     assert "cannot be checked" in capsys.readouterr().err
+
+
+# -- every lab, at the smoke profile ------------------------------------------------------------------------------------
+LAB_NAMES = [lab.name for lab in catalogue.LABS]
+
+
+@pytest.mark.parametrize("name", LAB_NAMES)
+def test_reference_solution_passes_every_check_at_smoke(name, tmp_path):
+    grade = notebooks.grade(catalogue.get(name).path, out=tmp_path / f"{name}.ipynb")
+    assert grade.stopped is None, grade.lines()
+    assert grade.passed, "\n".join(grade.lines())
+    number = catalogue.number(name)
+    assert [r.exercise for r in grade.results] == [e["label"] for e in notebooks.exercises(
+        notebooks.reference(catalogue.get(name).path))]
+    assert all(n.startswith(f"{number}.") for n in grade.numbers.values())
+    nb = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
+    assert len([c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]) == 1
+
+
+@pytest.mark.parametrize("name", LAB_NAMES)
+def test_student_copy_unanswered_is_all_not_done(name, tmp_path):
+    copy = tmp_path / f"{name}.ipynb"
+    nb = notebooks.strip(catalogue.get(name).path, copy)
+    text = "\n".join(c.source for c in nb.cells)
+    assert "BEGIN SOLUTION" not in text and "{solution" not in text and "{download}" not in text
+    assert text.startswith(f"# Lab {catalogue.number(name)}: ")
+    grade = notebooks.grade(copy)
+    assert grade.stopped is None, grade.lines()
+    assert {r.status for r in grade.results} == {NOT_DONE}, "\n".join(grade.lines())
+    assert len(grade.results) == len(notebooks.exercises(nb)) >= 4
 
 
 # -- the library's side of the labs ------------------------------------------------------------------------------------
