@@ -1,6 +1,7 @@
 """The book: every section notebook executes under the smoke profile through papermill (the build's own path), the
 whole book builds with warnings as errors, and a headless Chromium opens every page offline: no failed or external
-request, widgets rendered, and the attack explorer's dropdown switches its panel. Screenshots: build/screenshots."""
+request, widgets rendered, and the attack explorer's dropdown switches its panel; the lab pages raise no error and
+their solutions open and close without a kernel. Screenshots: build/screenshots."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import nbformat
 import pytest
 
 from unitlib import book
+from unitlib.labs.catalogue import LABS as _LAB_INFO
 
 SCREENSHOTS = book.BUILD / "screenshots"
 
@@ -80,12 +82,31 @@ def _pages(html: Path) -> list[Path]:
 def test_book_builds_with_warnings_as_errors(built_book):
     pages = {p.relative_to(built_book).as_posix() for p in _pages(built_book)}
     expected = {f"build/notebooks/{s}.html" for s in book.SECTIONS} | {f"build/book/{p}.html" for p in book.PAGES}
+    expected |= {f"build/labs/{n}.html" for n in book.LAB_PAGES + book.LABS}
     assert expected <= pages
     assert "book/bibliography.html" in pages
     intro = (built_book / "build/book/intro.html").read_text()
     assert "Status of every appendix table and figure" in intro and "Table 8" in intro
     for page in _pages(built_book):
         assert "cdn.jsdelivr" not in page.read_text() and "cdnjs.cloudflare" not in page.read_text(), page
+
+
+def test_labs_part_numbers_exercises_and_links_the_students_copies(built_book):
+    for name in book.LABS:
+        page = built_book / "build" / "labs" / f"{name}.html"
+        text = page.read_text()
+        number = book.LABS.index(name) + 1
+        numbers = re.findall(r"Exercise (\d+)\.(\d+)", text)
+        assert numbers and {n for n, _ in numbers} == {str(number)}, f"{name}: exercises numbered {set(numbers)}"
+        assert text.count('class="solution dropdown admonition') == len({k for _, k in numbers}), name
+        links = re.findall(r'<a class="reference download internal" download="" href="([^"]+\.ipynb)"', text)
+        assert len(links) == 1, f"{name}: the student's copy is not linked"
+        copy = nbformat.read(page.parent / links[0], as_version=4)
+        source = "\n".join(c.source for c in copy.cells)
+        assert source.startswith(f"# Lab {number}: ") and "BEGIN SOLUTION" not in source and "{solution" not in source
+        assert 'raise NotImplementedError("' in source
+    teaching = re.sub(r"<[^>]+>", "", (built_book / "build" / "labs" / "teaching.html").read_text())
+    assert "python -m unitlib.labs check" in teaching and all(lab.title in teaching for lab in _LAB_INFO)
 
 
 # -- a real browser ---------------------------------------------------------------------------------------------------
@@ -128,8 +149,10 @@ def browser():
         b.close()
 
 
-def _open(browser, url: str, base: str):
+def _open(browser, url: str, base: str, errors: list[str] | None = None):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    if errors is not None:  # uncaught JavaScript errors of the page
+        page.on("pageerror", lambda e: errors.append(str(e)))
     requests, failed = [], []
     page.on("request", lambda r: requests.append(r.url))
     page.on("requestfailed", lambda r: failed.append(f"{r.url} ({r.failure})"))
@@ -191,3 +214,25 @@ def test_attack_explorer_dropdown_switches_the_panel(built_book, server, browser
     assert _heading_becomes(page, [options[1]]) == [options[1]], "the dropdown did not switch the panel"
     page.screenshot(path=str(SCREENSHOTS / "a1_attacks_explorer_second.png"))
     page.close()
+
+
+def test_lab_pages_have_no_errors_and_solutions_toggle_without_a_kernel(built_book, server, browser):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for name in book.LAB_PAGES + book.LABS:
+        errors: list[str] = []
+        page, external, failed = _open(browser, f"{server}/build/labs/{name}.html", server, errors)
+        assert not external and not failed, (name, external, failed)
+        assert not errors, f"{name}: page errors {errors}"
+        if name == "lab2_unit_by_hand":
+            solution = page.locator(".solution.dropdown").first
+            code = solution.locator("pre").first
+            assert not code.is_visible(), "a solution is shown before its toggle is clicked"
+            solution.scroll_into_view_if_needed()
+            page.screenshot(path=str(SCREENSHOTS / "lab2_solution_hidden.png"))
+            solution.locator("button.toggle-button").click()
+            code.wait_for(state="visible", timeout=10_000)
+            assert "def activations" in code.inner_text()
+            page.screenshot(path=str(SCREENSHOTS / "lab2_solution_shown.png"))
+            solution.locator("button.toggle-button").click()
+            code.wait_for(state="hidden", timeout=10_000)
+        page.close()

@@ -1,6 +1,6 @@
 """The labs: the grader's tooling on a small fixture lab that passes, fails and raises in known ways; every lab's
 reference solution executed at the smoke profile and graded (all pass), and its student's copy graded unanswered
-(every exercise not done, none an error)."""
+(every exercise not done, none an error); the catalogue, the book's table of contents and the files agree."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
-from unitlib import config, data, labs, results
+from unitlib import book, config, data, labs, results
 from unitlib.attacks.registry import REGISTRY, register
 from unitlib.labs import __main__ as cli
 from unitlib.labs import catalogue, notebooks, timing
 from unitlib.labs.grading import FAILED, NOT_CHECKED, NOT_DONE, PASSED, Lab
 
+ROOT = Path(__file__).resolve().parent.parent
 
 FIXTURE = '''---
 jupytext:
@@ -314,6 +316,20 @@ def test_student_copy_unanswered_is_all_not_done(name, tmp_path):
     assert grade.stopped is None, grade.lines()
     assert {r.status for r in grade.results} == {NOT_DONE}, "\n".join(grade.lines())
     assert len(grade.results) == len(notebooks.exercises(nb)) >= 4
+
+
+def test_labs_catalogue_files_and_table_of_contents_agree():
+    files = sorted(p.stem for p in (ROOT / "labs").glob("*.md"))
+    assert files == sorted(LAB_NAMES + book.LAB_PAGES)
+    assert book.LABS == LAB_NAMES
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    numbered = [p for p in toc["parts"] if p.get("numbered")]
+    assert len(numbered) == 1, "the labs are the book's one numbered part (their exercises are numbered <lab>.<k>)"
+    assert [c["file"] for c in numbered[0]["chapters"]] == [f"build/labs/{n}" for n in LAB_NAMES]
+    for lab in catalogue.LABS:
+        nb = notebooks.read(lab.path)
+        assert notebooks.parameters(nb)[:1] == ["profile"], lab.name
+        assert 'profile = "smoke"' in nb.cells[[c.metadata.get("tags") for c in nb.cells].index(["parameters"])].source
 
 
 # -- the library's side of the labs ------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ errors), offline.
     python -m unitlib.book section a1_attacks -p profile smoke -p compute_missing true
     python -m unitlib.book assets                        # the offline JavaScript (widgets, require.js, MathJax)
 
-Executed notebooks go to ``build/notebooks`` and ``build/book`` (the table of contents points there, so the
-parameters a page ran with are the ones it shows); the HTML to ``_build/html``. The JavaScript the pages need is
+Executed notebooks go to ``build/notebooks``, ``build/book`` and ``build/labs`` (the table of contents points there,
+so the parameters a page ran with are the ones it shows); the HTML to ``_build/html``. A lab (``labs/``) is executed
+as its reference solution, and its student's copy (solutions removed) is written beside it, in
+``build/labs/student``, for the page's download link. The JavaScript the pages need is
 fetched from npm at build time into ``build/static/vendor`` and served from there: no page loads anything from a CDN.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tempfiles
+from .labs.catalogue import LABS as _LABS
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -35,6 +38,9 @@ VENDOR = BUILD / "static" / "vendor"
 # The book pages that compute something (executed like the notebooks), and the appendix sections, in book order.
 PAGES = ["intro", "method", "reproduce"]
 SECTIONS = ["a1_attacks", "a1_baselines", "a2_latest_defenses", "a3_sensitivity", "a4_adaptive", "a5_ablations"]
+# The coursework part: the page on teaching with the labs, then the labs (``labs/``).
+LAB_PAGES = ["teaching"]
+LABS = [lab.name for lab in _LABS]
 
 # npm packages served with the pages (exact versions), and which of their files go where under build/static/vendor:
 # (path in the package, or a folder of it, destination, file endings kept).
@@ -66,17 +72,26 @@ RENDER_TIMEOUT = 1800  # seconds for jupyter-book's render of the executed noteb
 DEFAULT_TIMEOUT = 900  # seconds per cell: generous for the smoke profile on two busy cores, finite so nothing hangs
 
 
+def _folder(name: str) -> str:
+    return "book" if name in PAGES else "labs" if name in LAB_PAGES + LABS else "notebooks"
+
+
 def source(name: str) -> Path:
-    """The jupytext MyST source of a page or section."""
-    path = ROOT / ("book" if name in PAGES else "notebooks") / f"{name}.md"
+    """The jupytext MyST source of a page, section or lab."""
+    path = ROOT / _folder(name) / f"{name}.md"
     if not path.exists():
-        raise ValueError(f"unknown page or section {name!r}; valid: {', '.join(PAGES + SECTIONS)}")
+        raise ValueError(f"unknown page or section {name!r}; valid: {', '.join(PAGES + SECTIONS + LAB_PAGES + LABS)}")
     return path
 
 
 def output(name: str, build: Path = BUILD) -> Path:
-    """Where the executed notebook of a page or section goes (the table of contents points there)."""
-    return build / ("book" if name in PAGES else "notebooks") / f"{name}.ipynb"
+    """Where the executed notebook of a page, section or lab goes (the table of contents points there)."""
+    return build / _folder(name) / f"{name}.ipynb"
+
+
+def student_copy(name: str, build: Path = BUILD) -> Path:
+    """Where the student's copy of a lab goes, beside the executed lab (its page links to it)."""
+    return output(name, build).parent / "student" / f"{name}.ipynb"
 
 
 def parameters(name: str) -> list[str]:
@@ -107,22 +122,28 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
 
 def execute(name: str, parameters: dict[str, Any] | None = None, *, out: Path | None = None,
             timeout: int = DEFAULT_TIMEOUT) -> Path:
-    """Execute one page or section with papermill (``parameters`` override its ``parameters`` cell). The notebook
-    is executed into a temporary file and moved to ``out`` only when every cell ran: a failed run leaves the
-    notebook of the last good run in place, and its own as ``<name>.failed.ipynb`` beside it."""
+    """Execute one page, section or lab with papermill (``parameters`` override its ``parameters`` cell). The
+    notebook is executed into a temporary file and moved to ``out`` only when every cell ran: a failed run leaves the
+    notebook of the last good run in place, and its own as ``<name>.failed.ipynb`` beside it. A lab is executed as
+    its reference solution, and its student's copy is written beside ``out``, in ``student/``."""
     import jupytext
     import papermill
 
+    from .labs import notebooks as lab_notebooks
+
     src = source(name)
     check_parameters(name, parameters or {})
+    notebook = lab_notebooks.reference(src) if name in LABS else jupytext.read(src)
     out = out or output(name)
+    if name in LABS:
+        lab_notebooks.strip(src, out.parent / "student" / f"{name}.ipynb")
     out.parent.mkdir(parents=True, exist_ok=True)
     tempfiles.remove_stale(out.parent)  # a run killed before it finished
     tmp = tempfiles.temp_name(out, ".tmp.ipynb")
     failed = out.with_name(f"{out.stem}.failed.ipynb")
     try:
         papermill.execute_notebook(
-            jupytext.read(src), str(tmp), parameters=parameters or {}, kernel_name="python3",
+            notebook, str(tmp), parameters=parameters or {}, kernel_name="python3",
             execution_timeout=timeout, cwd=str(src.parent), progress_bar=False, report_mode=False,
         )
     except BaseException as err:
@@ -192,15 +213,15 @@ def html(*, strict: bool = True) -> Path:
 
 
 def build(parameters: dict[str, Any] | None = None, *, timeout: int = DEFAULT_TIMEOUT, log=print) -> dict[str, float]:
-    """Execute every page and section (``parameters`` go to the sections), then render the book. Returns the
-    seconds of each step."""
+    """Execute every page, section and lab (``parameters`` go to the sections; the labs run with their own defaults,
+    the ``smoke`` profile), then render the book. Returns the seconds of each step."""
     for name in SECTIONS:
         check_parameters(name, parameters or {})
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     assets()
     seconds["assets"] = time.perf_counter() - start
-    for name in PAGES + SECTIONS:
+    for name in PAGES + SECTIONS + LAB_PAGES + LABS:
         t = time.perf_counter()
         execute(name, parameters if name in SECTIONS else None, timeout=timeout)
         seconds[name] = time.perf_counter() - t
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="execute every page and section, then render the book")
     s = sub.add_parser("section", help="re-execute one section with new parameters, then re-render the book")
-    s.add_argument("name", choices=SECTIONS + PAGES)
+    s.add_argument("name", choices=SECTIONS + PAGES + LAB_PAGES + LABS)
     for p in (b, s):
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="a parameter of the section(s), e.g. -p profile smoke -p attacks \"['badnets']\"")

@@ -132,3 +132,48 @@ def overview(profile: str = "cpu", path: Path = TIMINGS) -> pd.DataFrame:
             f"{profile} measured": at is not None,
         })
     return pd.DataFrame(rows)
+
+
+def overview_markdown(profile: str = "cpu", path: Path = TIMINGS) -> str:
+    """:func:`overview` as Markdown for the teaching page: a table of the labs' exercises and minutes, then what each
+    lab covers and assumes."""
+    df = overview(profile, path)
+
+    def minutes(value: float | None, measured: bool = True) -> str:
+        if value is None or value != value:
+            return "not measured"
+        text = f"{value:.1f}" if value < 10 else f"{value:.0f}"
+        return text if measured else f"about {text}"
+
+    lines = [f"| lab | revisits | exercises | smoke (min) | {profile} (min) |", "|---|---|---|---|---|"]
+    for _, row in df.iterrows():
+        lines.append(f"| {row['lab']} | {row['revisits']} | {row['exercises']} | {minutes(row['smoke (min)'])} | "
+                     f"{minutes(row[f'{profile} (min)'], row[f'{profile} measured'])} |")
+    lines += ["", _sources(profile, path), ""]
+    for _, row in df.iterrows():
+        lines.append(f"- **{row['lab']}**: {row['covers']}. *Assumes:* {row['assumes']}.")
+    return "\n".join(lines)
+
+
+def _sources(profile: str, path: Path) -> str:
+    """Where the table's minutes come from: the machine of the measurements, the records of the estimates."""
+    times = measured(path)
+    notes = []
+    for name in dict.fromkeys(["smoke", profile]):
+        p = times.get(name, {}).get("provenance")
+        if p:
+            load = f", load average {p['load']:.1f} as it started" if p.get("load") is not None else ""
+            notes.append(f"*{name}*: measured on {p['cpu']}, {p['threads']} thread(s){load}, code version "
+                         f"`{p['code_version']}`, {p['created'][:10]}.")
+        elif name == "smoke":
+            notes.append("*smoke*: not measured yet (`python -m unitlib.labs time`).")
+    try:
+        st = stage_seconds(profile)
+    except ValueError:
+        return " ".join(notes)
+    notes.append(
+        f"*{profile}* (where not measured): the median seconds of the committed `{profile}` records' stages, "
+        f"training a backdoored model {st['train'] / 60:.1f} min ({st['n_train']:.0f} records), a UNIT run "
+        f"{st['unit']:.0f} s ({st['n_unit']:.0f}), an evaluation on the test set {st['evaluate']:.0f} s, times the work "
+        f"of each lab; a model trained with the adaptive attacker's loss counts {REGULARISED_TRAINING:g} trainings.")
+    return " ".join(notes)
