@@ -230,7 +230,8 @@ def test_reference_keeps_solutions_without_markers(fixture_lab):
     (lambda s: s.replace("```{solution-start} fx-double", "```{solution-start} fx-nothing"), "not an exercise above"),
     (lambda s: s.replace(":label: fx-wrong", ":label: fx-double"), "two exercises are labelled 'fx-double'"),
     (lambda s: s.replace("lab.check(\"fx-double\", lambda: double(3), equals(6))",
-                         "def f():\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION"), "outside a {solution-start}"),
+                         "def f():\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION"),
+     "outside a {solution-start}"),
 ])
 def test_strip_refuses_a_malformed_lab(fixture_lab, edit, message):
     fixture_lab.write_text(edit(FIXTURE))
@@ -288,7 +289,7 @@ def test_cli_check_exit_codes_and_json(fixture_lab, tmp_path, capsys):
     assert "cannot be checked" in capsys.readouterr().err
 
 
-# -- every lab, at the smoke profile ------------------------------------------------------------------------------------
+# -- every lab, at the smoke profile -----------------------------------------------------------------------------------
 LAB_NAMES = [lab.name for lab in catalogue.LABS]
 
 

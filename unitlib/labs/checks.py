@@ -1,8 +1,9 @@
 """The checks of the labs' exercises, one builder per exercise (``lab<N>_<what>``): each takes what the notebook has
 set up and returns a test that raises ``AssertionError`` with a message for the student when an answer is wrong
 (see :meth:`unitlib.labs.Lab.check`). A builder's arguments may include an earlier exercise's answer, which is
-``None`` when that exercise did not pass: builders only capture them, and the tests use them. A check compares an answer with the library's own computation where there is
-one, and otherwise with what the answer must satisfy; none depends on the speed of the machine."""
+``None`` when that exercise did not pass: builders only capture them, and the tests use them. A check compares an
+answer with the library's own computation where there is one, and otherwise with what the answer must satisfy; none
+depends on the speed of the machine."""
 
 from __future__ import annotations
 
@@ -45,11 +46,13 @@ def _fractions(df: pd.DataFrame, columns: Sequence[str], what: str = "the table"
 
 
 def _metrics(value: Any, what: str) -> Mapping[str, float]:
-    assert isinstance(value, Mapping), f"{what} must be a dict with keys {', '.join(METRICS)}, got {type(value).__name__}"
+    assert isinstance(value, Mapping), (
+        f"{what} must be a dict with keys {', '.join(METRICS)}, got {type(value).__name__}")
     missing = [k for k in METRICS if k not in value]
     assert not missing, f"{what} lacks {', '.join(missing)}"
     for k in METRICS:
-        assert isinstance(value[k], (int, float)) and 0 <= value[k] <= 1, f"{what}: {k} must be a fraction in [0, 1], got {value[k]!r}"
+        assert isinstance(value[k], (int, float)) and 0 <= value[k] <= 1, (
+            f"{what}: {k} must be a fraction in [0, 1], got {value[k]!r}")
     return value
 
 
@@ -207,7 +210,8 @@ def lab2_unit(model: nn.Module, name: str, x: torch.Tensor, init_std: float = 4.
         bound, defended = started
         _tensor(bound, "the starting bound")
         assert isinstance(defended, BoundedModel), "the second value must be the model UNIT returned"
-        assert tuple(bound.shape) == tuple(expected.shape), f"shape {tuple(bound.shape)}, expected {tuple(expected.shape)}"
+        assert tuple(bound.shape) == tuple(expected.shape), (
+            f"shape {tuple(bound.shape)}, expected {tuple(expected.shape)}")
         gap = (bound.float() - expected.clamp(min=0)).abs().max().item()
         assert gap <= 1e-4 * (1 + expected.abs().max().item()), (
             f"UNIT started up to {gap:.3g} away from mean + {init_std:g} std of the images you used: did it see the "
@@ -249,7 +253,8 @@ def lab3_plot(n_points: int) -> Test:
         for ax in fig.axes:
             series += sum(len(line.get_xdata()) == n_points for line in ax.get_lines())
             series += sum(len(c.get_offsets()) == n_points for c in ax.collections if hasattr(c, "get_offsets"))
-        assert series >= 2, f"plot accuracy and ASR against the budget: two series of {n_points} points (found {series})"
+        assert series >= 2, (
+            f"plot accuracy and ASR against the budget: two series of {n_points} points (found {series})")
         labelled = [ax for ax in fig.axes if ax.get_xlabel()]
         assert labelled, "label the x axis (ax.set_xlabel)"
         return None
@@ -270,7 +275,8 @@ def lab3_cheapest(table: pd.DataFrame, max_asr: float) -> Test:
             return "no budget removes the backdoor here"
         assert got is not None, f"the table has a budget with ASR <= {max_asr:.0%}: return it"
         assert isinstance(got, (int, float)), f"return the budget as a number, got {type(got).__name__}"
-        assert math.isclose(got, want), f"the smallest budget with ASR <= {max_asr:.0%} in your table is {want}, not {got}"
+        assert math.isclose(got, want), (
+            f"the smallest budget with ASR <= {max_asr:.0%} in your table is {want}, not {got}")
         return f"degradation {want}"
 
     return test

@@ -322,8 +322,8 @@ class Grade:
                 "passed": self.passed, "stopped": self.stopped, "results": [r.to_dict() for r in self.results]}
 
 
-def execute(nb, out: str | os.PathLike, *, parameters: dict[str, Any] | None = None, cwd: str | os.PathLike | None = None,
-            timeout: int = DEFAULT_TIMEOUT) -> None:
+def execute(nb, out: str | os.PathLike, *, parameters: dict[str, Any] | None = None,
+            cwd: str | os.PathLike | None = None, timeout: int = DEFAULT_TIMEOUT) -> None:
     """Execute a notebook with papermill (the book's path) into ``out``; raises what papermill raises."""
     import papermill
 

@@ -174,6 +174,7 @@ def _sources(profile: str, path: Path) -> str:
     notes.append(
         f"*{profile}* (where not measured): the median seconds of the committed `{profile}` records' stages, "
         f"training a backdoored model {st['train'] / 60:.1f} min ({st['n_train']:.0f} records), a UNIT run "
-        f"{st['unit']:.0f} s ({st['n_unit']:.0f}), an evaluation on the test set {st['evaluate']:.0f} s, times the work "
-        f"of each lab; a model trained with the adaptive attacker's loss counts {REGULARISED_TRAINING:g} trainings.")
+        f"{st['unit']:.0f} s ({st['n_unit']:.0f}), an evaluation on the test set {st['evaluate']:.0f} s, times the "
+        f"work of each lab; a model trained with the adaptive attacker's loss counts {REGULARISED_TRAINING:g} "
+        f"trainings.")
     return " ".join(notes)

@@ -15,11 +15,14 @@ FRACTIONS = ("clean_acc", "asr", "clean_acc_before", "asr_before", "clean_acc_af
              "share lowered")
 
 
-def show_table(df: pd.DataFrame, digits: int = 1):
-    """``df`` styled for a lab's page: fractions as percent, other numbers to three significant digits."""
+def show_table(df: pd.DataFrame, digits: int = 1, *, index: bool = True):
+    """``df`` styled for a lab's page: fractions as percent, seconds to two decimals, other numbers to three
+    significant digits; without its index unless ``index``."""
     fmt = {c: f"{{:.{digits}%}}" for c in df.columns if c in FRACTIONS}
+    fmt.update({c: "{:.2f}" for c in df.columns if c == "seconds" or str(c).endswith("(%)")})
     fmt.update({c: "{:.3g}" for c in df.columns if c not in fmt and pd.api.types.is_float_dtype(df[c])})
-    return df.style.format(fmt, na_rep="")
+    styled = df.style.format(fmt, na_rep="")
+    return styled if index else styled.hide(axis="index")
 
 
 def lab2_compare(ready: experiment.Setup, name: str, k: float, clipped: nn.Module | None = None,
@@ -54,11 +57,15 @@ def lab2_tightening(ready: experiment.Setup, defended: BoundedModel, x: torch.Te
 
 
 def paper_table(number: int, attack: str = "BadNets", column: str | None = None) -> pd.DataFrame:
-    """One attack's rows of appendix Table ``number``, in percent, one row per setting (``column``) and one column
-    per metric: the paper's numbers (CIFAR-10, ResNet-18) to put beside a lab's."""
+    """One attack's rows of appendix Table ``number``, in percent, one row per defense and setting (``column``) and
+    one column per metric (Table 4 adds the suppression loss, Eq. 6): the paper's numbers (CIFAR-10, ResNet-18) to put beside a lab's. Cells the source does not
+    give are left out."""
     df = paper.table(number)
-    df = df[(df["attack"] == attack) & df["metric"].isin(["acc", "asr"])]
+    metrics = df["metric"].isin(["acc", "asr", "adaptive_loss"])
+    df = df[(df["attack"] == attack) & metrics & df["value"].notna()].copy()
     keys = ["defense"] + ([column] if column else [])
-    wide = df.pivot_table(index=keys, columns="metric", values="value", dropna=False, sort=False).reset_index()
-    wide = wide.rename(columns={"acc": "clean acc (%)", "asr": "ASR (%)"})
-    return wide
+    if column:  # the undefended row has no setting: a label, so that pivoting keeps it
+        df[column] = df[column].astype(object).where(df[column].notna(), "")
+    wide = df.pivot_table(index=keys, columns="metric", values="value", aggfunc="first", sort=False).reset_index()
+    wide.columns.name = None
+    return wide.rename(columns={"acc": "clean acc (%)", "asr": "ASR (%)", "adaptive_loss": "suppression loss"})
