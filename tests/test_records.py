@@ -76,8 +76,7 @@ def _default_unit(attack: str, seed: int = 0):
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
     "narcissus": "the same overshoot at step 12 (below the threshold to the stop at step 31; kept bounds of step 11) "
-                 "and ASR 98.47% even there: clipping leaves this clean-label trigger's path open (the appendix's "
-                 "Table 3 also has UNIT at its weakest on NARCISSUS)",
+                 "and ASR 98.47% even there: clipping within the budget leaves this clean-label trigger working",
     "blend": "ASR 8.31% but 3.25 points of test accuracy for the 2.00 points of validation accuracy the budget allows",
     "wanet": "tightening overshoots the budget at step 15 and validation accuracy stays below the threshold for the "
              "next 285 steps (measured with a stop that waits, and with projection): the kept bounds are step 14's, "
