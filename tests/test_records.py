@@ -75,6 +75,8 @@ def _default_unit(attack: str, seed: int = 0):
 # Where UNIT's defaults miss the bar at `cpu` (ASR <= 10% within 3 points of test accuracy, seed 0), and the
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
+    "refool": "no backdoor to remove: the Refool paper's random reflection pool leaves the undefended model at 18.99% "
+              "ASR (UNIT: 23.11%)",
     "narcissus": "the same overshoot at step 12 (below the threshold to the stop at step 31; kept bounds of step 11) "
                  "and ASR 98.47% even there: clipping within the budget leaves this clean-label trigger working",
     "blend": "ASR 8.31% but 3.25 points of test accuracy for the 2.00 points of validation accuracy the budget allows",
@@ -111,6 +113,7 @@ def _clean_accuracy(rec):
 
 
 ZOO_SHORTFALL: dict[str, str] = {
+    "refool": "the Refool paper's random reflection pool plants no backdoor at cpu: 18.99% ASR (seed 0)",
     "sig": "at the UNIT authors' 8% the resnet-mini model reaches 86.01% ASR (seed 0), under the 90% bar",
 }
 
