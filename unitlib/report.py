@@ -508,7 +508,7 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
                     continue
                 found = True
                 r, before, after = rec.report, rec.metrics["before"], rec.metrics["after"]
-                row["poison rate"] = rec.config["poison_rate"]
+                row["poison rate"] = f"{rec.config['poison_rate']:g}"
                 row["no defense"] = f"{100 * before['clean_acc']:.2f} / {100 * before['asr']:.2f}"
                 row[label] = f"{100 * after['clean_acc']:.2f} / {100 * after['asr']:.2f}"
                 row[f"{label} kept step"] = f"{r['best_step']} of {r.get('steps_run', len(r['history']))}"
