@@ -514,7 +514,7 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
                 row[f"{label} kept step"] = f"{r['best_step']} of {r.get('steps_run', len(r['history']))}"
                 row[f"{label} stop"] = r.get("stop_reason", "")
                 row[f"{label} val / threshold"] = f"{100 * r['final_val_acc']:.1f} / {100 * r['threshold']:.1f}"
-                row[f"{label} s"] = round(rec.seconds["defense"])
+                row[f"{label} s"] = f"{rec.seconds['defense']:.0f}"
             if found:
                 rows.append(row)
     columns = ["attack", "seed", "poison rate", "no defense"] + [
