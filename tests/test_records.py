@@ -69,7 +69,8 @@ ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram"
 
 def _default_unit(attack: str, seed: int = 0):
     return [r for r in CPU_UNIT if r.config["attack"] == attack and r.config["seed"] == seed
-            and not r.config["defense_params"] and not r.config["attack_params"]]
+            and not r.config["defense_params"] and not r.config["attack_params"]
+            and results.stale_reason(r, r.experiment) is None]
 
 
 # Where UNIT's defaults miss the bar at `cpu` (ASR <= 10% within 3 points of test accuracy, seed 0), and the

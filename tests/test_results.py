@@ -137,3 +137,23 @@ def test_find_skips_a_damaged_record_with_a_warning(tmp_path):
     path.write_text(path.read_text()[:50])
     with pytest.warns(UserWarning, match=re.escape(f"skipping {path}: not a readable JSON record")):
         assert results.find(profile("smoke"), tmp_path) is None
+
+
+def test_a_record_made_under_other_defaults_is_stale(tmp_path):
+    """The key hashes only the parameters an experiment sets; a changed default makes the record another
+    experiment, which `find` and the book's lookup no longer return."""
+    exp = profile("smoke")
+    resolved = {"attack": exp.make_attack().params(), "defense": exp.make_defense().params()}
+    rec = _record(report={"resolved": resolved})
+    results.save(rec, tmp_path)
+    assert results.stale_reason(rec, exp) is None
+    assert results.find(exp, tmp_path) == rec
+    old = _record(report={"resolved": {**resolved, "defense": {**resolved["defense"], "patience": 1}}})
+    results.save(old, tmp_path)
+    assert results.stale_reason(old, exp) == "defense defaults changed since it was made: patience 1 -> 5"
+    assert results.stale_reason(old, exp, defense=False) is None  # the undefended model is the same
+    assert results.find(exp, tmp_path) is None
+    from unitlib.report import RecordIndex
+    index = RecordIndex([tmp_path])
+    assert index.lookup(exp) == (None, "after")
+    assert index.lookup(exp, undefended=True)[0] == old

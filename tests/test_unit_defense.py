@@ -173,7 +173,7 @@ def test_official_schedule():
     assert (u.steps, u.lr, u.step_units, u.batch_size, u.early_stop, u.patience, u.val_every, u.degradation) == (
         300, 1e-3, "raw", None, False, 5, 1, 0.03)
     d = UNIT()
-    assert (d.steps, d.lr, d.step_units, d.batch_size, d.early_stop, d.patience) == (300, 0.1, "std", 256, True, 1)
+    assert (d.steps, d.lr, d.step_units, d.batch_size, d.early_stop, d.patience) == (300, 0.1, "std", 256, True, 5)
 
 
 @pytest.mark.parametrize("mode", ["clip", "reject"])

@@ -280,8 +280,13 @@ class RecordIndex:
         """The record of ``exp``, or (``undefended``) any record of its backdoored model, and which metrics to read."""
         if undefended:
             rec = self.by_key.get(exp.key()) or self.by_model.get(exp.model_key())
+            if rec is not None and store.stale_reason(rec, exp, defense=False) is not None:
+                rec = None
             return rec, "before"
-        return self.by_key.get(exp.key()), "after"
+        rec = self.by_key.get(exp.key())
+        if rec is not None and store.stale_reason(rec, exp) is not None:
+            rec = None  # made under other defaults: not this experiment any more
+        return rec, "after"
 
 
 def _paper_value(cell: Cell, metric: str) -> float:

@@ -149,9 +149,37 @@ def load(path: str | os.PathLike) -> Record:
     return Record(**data)
 
 
+def _canonical(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def stale_reason(record: Record, experiment: Experiment, *, defense: bool = True) -> str | None:
+    """Why ``record`` no longer describes ``experiment`` as the library would run it today, or ``None``.
+
+    An experiment names only the parameters it sets; the rest are the attack's and defense's defaults, which a
+    record stores as resolved (``report["resolved"]``). A default changed since the record was made makes it stale:
+    the same key, another experiment. ``defense`` false compares the attack alone (the undefended model's
+    metrics do not depend on the defense). Records without resolved parameters cannot be checked and count as
+    current."""
+    resolved = (record.report or {}).get("resolved")
+    if not isinstance(resolved, dict):
+        return None
+    parts = [("attack", experiment.make_attack)] + ([("defense", experiment.make_defense)] if defense else [])
+    for part, make in parts:
+        if part not in resolved:
+            continue
+        now, then = _canonical(make().params()), _canonical(resolved[part])
+        changed = sorted(k for k in set(now) | set(then) if now.get(k, MISSING) != then.get(k, MISSING))
+        if changed:
+            diffs = ", ".join(f"{k} {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+            return f"{part} defaults changed since it was made: {diffs}"
+    return None
+
+
 def find(experiment: Experiment, directory: str | os.PathLike | None = None) -> Record | None:
-    """The stored record of exactly this experiment, if any (a file of its name that is not a readable record is
-    skipped with a warning naming it, as by :func:`load_all`)."""
+    """The stored record of exactly this experiment as the library runs it today, if any (a file of its name that
+    is not a readable record is skipped with a warning naming it, as by :func:`load_all`; a record made under other
+    defaults, :func:`stale_reason`, is not this experiment)."""
     key = experiment.key()
     for path in Path(directory or RESULTS_DIR).glob(f"*__{key[:12]}.json"):
         try:
@@ -159,7 +187,7 @@ def find(experiment: Experiment, directory: str | os.PathLike | None = None) -> 
         except ValueError as err:
             warnings.warn(f"skipping {err}", stacklevel=2)
             continue
-        if record.key == key:
+        if record.key == key and stale_reason(record, experiment) is None:
             return record
     return None
 
