@@ -295,3 +295,22 @@ def test_stops_when_the_budget_binds_on_a_planted_smoke_backdoor(tmp_path, monke
     assert 0 <= r["budget_gap"] <= UNIT().settle
     assert r["budget_bound"] is True
     assert record.metrics["after"]["asr"] < 0.2
+
+
+def test_exceedance_counts_activations_above_their_bounds():
+    from unitlib.defenses.unit import exceedance
+    model, clean = _model(), _clean()
+    stats = unit_module.clean_statistics(model, clean.x_opt)
+    site = stats.sites[0]
+    acts = {}
+    h = dict(model.named_modules())[site].register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    with torch.no_grad():
+        model(clean.x_val)
+    h.remove()
+    bound = stats.mean[site]
+    got = exceedance(model, {site: bound}, clean.x_val, chunk=16)
+    assert got[site] == pytest.approx((acts["a"] > bound.clamp(min=0)).float().mean().item())
+    assert 0 < got[site] < 1
+    assert exceedance(model, {site: torch.full_like(bound, 1e9)}, clean.x_val)[site] == 0
+    with pytest.raises(ValueError, match="no module named nowhere"):
+        exceedance(model, {"nowhere": bound}, clean.x_val)

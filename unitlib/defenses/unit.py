@@ -230,6 +230,40 @@ def initial_bounds(
     return clean_statistics(model, x, layers=layers, granularity=granularity, chunk=chunk).bounds(init_std)
 
 
+@torch.no_grad()
+def exceedance(
+    model: nn.Module, bounds: dict[str, torch.Tensor], x: torch.Tensor, *, chunk: int = 500,
+) -> dict[str, float]:
+    """Per site, the fraction of the activations of ``model`` (without bounds) on images ``x`` (float in [0, 1])
+    that lie above ``bounds`` (by site name, e.g. :meth:`BoundedModel.bound_values`).
+
+    Clipping can only act on a trigger whose activations exceed the bounds more often than clean images' do:
+    compare the fraction on triggered inputs with that on clean ones to see where, if anywhere, a trigger is
+    abnormal."""
+    modules = dict(model.named_modules())
+    missing = [n for n in bounds if n not in modules]
+    if missing:
+        raise ValueError(f"no module named {', '.join(missing)} in the model")
+    above = {n: 0 for n in bounds}
+    total = {n: 0 for n in bounds}
+
+    def hook(name: str):
+        def fn(m, i, out):
+            b = bounds[name].to(out.device, out.dtype).clamp(min=0)
+            above[name] += int((out > b).sum())
+            total[name] += out.numel()
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in bounds]
+    try:
+        for i in range(0, len(x), chunk):
+            model(x[i : i + chunk])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: above[n] / max(total[n], 1) for n in bounds}
+
+
 def moments(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased std (as ``torch.std``) from sums of values and of their squares over ``count`` samples."""
     mean = total / count
