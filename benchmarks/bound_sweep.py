@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from unitlib import config, data, experiment, results
-from unitlib.defenses.unit import BoundedModel, _float, clean_statistics
+from unitlib.defenses.unit import BoundedModel, clean_statistics
 from unitlib.metrics import accuracy
 from unitlib.train import augment
 
@@ -31,8 +31,8 @@ def sweep(attack: str, profile: str, n_test: int) -> dict:
         print(f"note: the backdoored model of {attack} at profile {profile} was not cached; trained it now")
     ds, atk, model = ready.dataset, ready.attack, ready.model.eval()
     # the same statistics UNIT starts from: the augmented optimise split
-    x_opt = augment(_float(ready.clean.x_opt), crop=4, flip=True, generator=torch.Generator().manual_seed(0))
-    x_val, y_val = _float(ready.clean.x_val), ready.clean.y_val
+    x_opt = augment(data.to_float(ready.clean.x_opt), crop=4, flip=True, generator=torch.Generator().manual_seed(0))
+    x_val, y_val = data.to_float(ready.clean.x_val), ready.clean.y_val
     pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(1))[:n_test]
     x_test, y_test = data.to_float(ds.x_test[pick]), ds.y_test[pick]
     x_trig = atk.apply(x_test[y_test != exp.target])

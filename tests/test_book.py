@@ -18,10 +18,10 @@ from urllib.parse import urlparse
 import nbformat
 import pytest
 
-from unitlib import book
-from unitlib.labs.catalogue import LABS as _LAB_INFO
+from unitlib.book import build
+from unitlib.book.labs.catalogue import LABS as _LAB_INFO
 
-SCREENSHOTS = book.BUILD / "screenshots"
+SCREENSHOTS = build.BUILD / "screenshots"
 
 
 # -- fetching the JavaScript never hangs the build -----------------------------------------------------------------------
@@ -31,10 +31,10 @@ def test_npm_that_hangs_or_fails_gives_a_clear_error(tmp_path, monkeypatch, scri
     fake = tmp_path / "npm"
     fake.write_text(f"#!/bin/sh\n{script}\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(book.shutil, "which", lambda name: str(fake) if name == "npm" else shutil.which(name))
-    monkeypatch.setattr(book, "NPM_TIMEOUT", 1)
+    monkeypatch.setattr(build.shutil, "which", lambda name: str(fake) if name == "npm" else shutil.which(name))
+    monkeypatch.setattr(build, "NPM_TIMEOUT", 1)
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        book.assets(tmp_path / "vendor")
+        build.assets(tmp_path / "vendor")
 
 
 # -- every notebook at the smoke profile ------------------------------------------------------------------------------
@@ -43,14 +43,14 @@ def smoke_dirs(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke-notebooks"), tmp_path_factory.mktemp("smoke-results")
 
 
-@pytest.mark.parametrize("section", book.SECTIONS)
+@pytest.mark.parametrize("section", build.SECTIONS)
 def test_section_executes_at_smoke(section, smoke_dirs):
     import papermill
 
     out_dir, results = smoke_dirs
     out = out_dir / f"{section}.ipynb"
     try:
-        book.execute(section, {"profile": "smoke", "results_dir": str(results)}, out=out, timeout=900)
+        build.execute(section, {"profile": "smoke", "results_dir": str(results)}, out=out, timeout=900)
     except papermill.PapermillExecutionError as e:
         pytest.fail(f"{section}: {e.ename}: {e.evalue}", pytrace=False)
     nb = nbformat.read(out, as_version=4)
@@ -69,8 +69,8 @@ def test_section_executes_at_smoke(section, smoke_dirs):
 # -- the whole book, as `make book` builds it -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def built_book():
-    book.build(timeout=900)
-    return book.HTML
+    build.build(timeout=900)
+    return build.HTML
 
 
 def _pages(html: Path) -> list[Path]:
@@ -81,8 +81,8 @@ def _pages(html: Path) -> list[Path]:
 
 def test_book_builds_with_warnings_as_errors(built_book):
     pages = {p.relative_to(built_book).as_posix() for p in _pages(built_book)}
-    expected = {f"build/notebooks/{s}.html" for s in book.SECTIONS} | {f"build/book/{p}.html" for p in book.PAGES}
-    expected |= {f"build/labs/{n}.html" for n in book.LAB_PAGES + book.LABS}
+    expected = {f"build/notebooks/{s}.html" for s in build.SECTIONS} | {f"build/book/{p}.html" for p in build.PAGES}
+    expected |= {f"build/labs/{n}.html" for n in build.LAB_PAGES + build.LABS}
     assert expected <= pages
     assert "book/bibliography.html" in pages
     intro = (built_book / "build/book/intro.html").read_text()
@@ -92,10 +92,10 @@ def test_book_builds_with_warnings_as_errors(built_book):
 
 
 def test_labs_part_numbers_exercises_and_links_the_students_copies(built_book):
-    for name in book.LABS:
+    for name in build.LABS:
         page = built_book / "build" / "labs" / f"{name}.html"
         text = page.read_text()
-        number = book.LABS.index(name) + 1
+        number = build.LABS.index(name) + 1
         numbers = re.findall(r"Exercise (\d+)\.(\d+)", text)
         assert numbers and {n for n, _ in numbers} == {str(number)}, f"{name}: exercises numbered {set(numbers)}"
         assert text.count('class="solution dropdown admonition') == len({k for _, k in numbers}), name
@@ -106,7 +106,7 @@ def test_labs_part_numbers_exercises_and_links_the_students_copies(built_book):
         assert source.startswith(f"# Lab {number}: ") and "BEGIN SOLUTION" not in source and "{solution" not in source
         assert 'raise NotImplementedError("' in source
     teaching = re.sub(r"<[^>]+>", "", (built_book / "build" / "labs" / "teaching.html").read_text())
-    assert "python -m unitlib.labs check" in teaching and all(lab.title in teaching for lab in _LAB_INFO)
+    assert "python -m unitlib.book.labs check" in teaching and all(lab.title in teaching for lab in _LAB_INFO)
 
 
 # -- a real browser ---------------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_attack_explorer_dropdown_switches_the_panel(built_book, server, browser
 
 def test_lab_pages_have_no_errors_and_solutions_toggle_without_a_kernel(built_book, server, browser):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for name in book.LAB_PAGES + book.LABS:
+    for name in build.LAB_PAGES + build.LABS:
         errors: list[str] = []
         page, external, failed = _open(browser, f"{server}/build/labs/{name}.html", server, errors)
         assert not external and not failed, (name, external, failed)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from unitlib.book import cli as book_cli
 from unitlib.cli import main, overrides
 
 
@@ -68,7 +69,7 @@ def test_records_lists_each_record_with_what_it_changed(tmp_path, capsys):
             key=exp.key(), config=exp.to_dict(),
             metrics={"before": {"clean_acc": 0.9, "asr": 1.0}, "after": {"clean_acc": 0.88, "asr": after}},
             seconds={"train": 2.0, "defense": 1.5}, provenance=results.provenance(torch.device("cpu"))), tmp_path)
-    assert main(["records", "--results", str(tmp_path), "--profile", "smoke"]) == 0
+    assert book_cli.main(["records", "--results", str(tmp_path), "--profile", "smoke"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| profile | attack | defense | changes | acc before")
     assert len(lines) == 4
@@ -77,9 +78,9 @@ def test_records_lists_each_record_with_what_it_changed(tmp_path, capsys):
     unit = next(line for line in lines if "| unit |" in line)
     # the smoke profile's own UNIT parameters are not a change
     assert "| badnets | unit |  | 90.00 | 100.00 | 88.00 | 5.00 |" in unit
-    assert main(["records", "--results", str(tmp_path), "--profile", "cpu"]) == 0
+    assert book_cli.main(["records", "--results", str(tmp_path), "--profile", "cpu"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    assert main(["records", "--results", str(tmp_path), "--csv"]) == 0
+    assert book_cli.main(["records", "--results", str(tmp_path), "--csv"]) == 0
     assert capsys.readouterr().out.count("\n") == 3
 
 
@@ -141,7 +142,7 @@ def test_records_skip_a_bad_file_with_a_warning_naming_it(tmp_path, capsys):
     wordy["key"] = "f" * 64
     wordy["metrics"]["after"]["asr"] = "high"
     (tmp_path / "wordy.json").write_text(json.dumps(wordy))
-    assert main(["records", "--results", str(tmp_path)]) == 0
+    assert book_cli.main(["records", "--results", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 3 and "| 88.00 | 5.00 |" in lines[2]
@@ -154,5 +155,17 @@ def test_records_skip_a_bad_file_with_a_warning_naming_it(tmp_path, capsys):
 
 
 def test_records_from_a_folder_that_is_not_there(tmp_path, capsys):
-    assert main(["records", "--results", str(tmp_path / "nowhere")]) == 2
+    assert book_cli.main(["records", "--results", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory of records" in capsys.readouterr().err
+
+
+def test_records_of_an_unknown_profile(tmp_path, capsys):
+    assert book_cli.main(["records", "--results", str(tmp_path), "--profile", "gpu"]) == 2
+    assert "unknown profile 'gpu'; valid choices: smoke, cpu, paper" in capsys.readouterr().err
+
+
+def test_the_core_cli_says_where_the_records_table_went(capsys):
+    assert main(["records", "--profile", "cpu", "--csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m unitlib.book records --profile cpu --csv" in err
+    assert "pip install 'unitlib[book]'" in err

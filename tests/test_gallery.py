@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unitlib import data
-from unitlib.gallery import plot_trigger_gallery, trigger_gallery
+from unitlib.book.gallery import plot_trigger_gallery, trigger_gallery
 
 matplotlib.use("Agg")
 

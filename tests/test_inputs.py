@@ -19,7 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unitlib import book, data, tempfiles
+from unitlib import data, tempfiles
+from unitlib.book import build
+from unitlib.book import cli as book_cli
 from unitlib.train import Recipe
 
 LINUX_POOL = sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1
@@ -98,31 +100,31 @@ def fixture_book(tmp_path, monkeypatch):
     (tmp_path / "notebooks" / "a9_fixture.md").write_text(NOTEBOOK)
     (tmp_path / "book").mkdir()
     (tmp_path / "book" / "plain.md").write_text(NOTEBOOK.split("```{code-cell}")[0])
-    monkeypatch.setattr(book, "ROOT", tmp_path)
-    monkeypatch.setattr(book, "PAGES", ["plain"])
-    monkeypatch.setattr(book, "SECTIONS", ["a9_fixture"])
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    monkeypatch.setattr(build, "PAGES", ["plain"])
+    monkeypatch.setattr(build, "SECTIONS", ["a9_fixture"])
     return tmp_path
 
 
 def test_book_knows_each_notebooks_parameters(fixture_book):
-    assert book.parameters("a9_fixture") == ["profile", "fail"]
-    assert book.parameters("plain") == []
+    assert build.parameters("a9_fixture") == ["profile", "fail"]
+    assert build.parameters("plain") == []
 
 
 def test_book_refuses_an_unknown_parameter_and_lists_the_valid_ones(fixture_book, capsys):
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) 'profil' for a9_fixture; its parameters: "
                                          r"profile, fail"):
-        book.execute("a9_fixture", {"profil": "cpu"}, out=fixture_book / "out.ipynb")
+        build.execute("a9_fixture", {"profil": "cpu"}, out=fixture_book / "out.ipynb")
     with pytest.raises(ValueError, match=r"plain takes no parameters .*'x'"):
-        book.execute("plain", {"x": 1}, out=fixture_book / "out.ipynb")
+        build.execute("plain", {"x": 1}, out=fixture_book / "out.ipynb")
     assert not (fixture_book / "out.ipynb").exists()
     # a name is never pasted into the notebook as code
     with pytest.raises(ValueError, match="unknown parameter"):
-        book.execute("a9_fixture", {"import os; os.remove('x'); y": 1}, out=fixture_book / "out.ipynb")
+        build.execute("a9_fixture", {"import os; os.remove('x'); y": 1}, out=fixture_book / "out.ipynb")
 
 
 def test_real_sections_refuse_a_typo_before_running(capsys):
-    assert book.main(["section", "a1_attacks", "-p", "attack", "nonexistent", "--no-html"]) == 2
+    assert book_cli.main(["section", "a1_attacks", "-p", "attack", "nonexistent", "--no-html"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown parameter(s) 'attack' for a1_attacks; its parameters: profile, attacks")
 
@@ -131,18 +133,18 @@ def test_a_failed_run_keeps_the_last_good_notebook(fixture_book):
     import papermill
 
     out = fixture_book / "build" / "a9_fixture.ipynb"
-    book.execute("a9_fixture", {"profile": "cpu"}, out=out)
+    build.execute("a9_fixture", {"profile": "cpu"}, out=out)
     good = out.read_text()
     assert "ran with cpu" in good
     with pytest.raises(papermill.PapermillExecutionError, match="failing on purpose") as e:
-        book.execute("a9_fixture", {"fail": True}, out=out)
+        build.execute("a9_fixture", {"fail": True}, out=out)
     assert out.read_text() == good
     failed = out.with_name("a9_fixture.failed.ipynb")
     assert str(failed) in "\n".join(getattr(e.value, "__notes__", []))
     assert any(o.get("ename") == "AssertionError" for c in nbformat.read(failed, as_version=4).cells
                for o in c.get("outputs", []))
     assert sorted(p.name for p in out.parent.iterdir()) == ["a9_fixture.failed.ipynb", "a9_fixture.ipynb"]
-    book.execute("a9_fixture", {"profile": "paper"}, out=out)
+    build.execute("a9_fixture", {"profile": "paper"}, out=out)
     assert "ran with paper" in out.read_text() and not failed.exists()
 
 

@@ -12,11 +12,12 @@ import nbformat
 import pytest
 import yaml
 
-from unitlib import book, config, data, labs, results
+from unitlib import config, data, results
+from unitlib.book import build, labs
 from unitlib.attacks.registry import REGISTRY, register
-from unitlib.labs import __main__ as cli
-from unitlib.labs import catalogue, notebooks, timing
-from unitlib.labs.grading import FAILED, NOT_CHECKED, NOT_DONE, PASSED, Lab
+from unitlib.book.labs import __main__ as cli
+from unitlib.book.labs import catalogue, notebooks, timing
+from unitlib.book.labs.grading import FAILED, NOT_CHECKED, NOT_DONE, PASSED, Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ profile = "cpu"  # the grader executes at smoke whatever this says
 ```
 
 ```{code-cell} ipython3
-from unitlib import labs
+from unitlib.book import labs
 
 lab = labs.Lab("fixture")
 print("profile", profile)
@@ -321,8 +322,8 @@ def test_student_copy_unanswered_is_all_not_done(name, tmp_path):
 
 def test_labs_catalogue_files_and_table_of_contents_agree():
     files = sorted(p.stem for p in (ROOT / "labs").glob("*.md"))
-    assert files == sorted(LAB_NAMES + book.LAB_PAGES)
-    assert book.LABS == LAB_NAMES
+    assert files == sorted(LAB_NAMES + build.LAB_PAGES)
+    assert build.LABS == LAB_NAMES
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     numbered = [p for p in toc["parts"] if p.get("numbered")]
     assert len(numbered) == 1, "the labs are the book's one numbered part (their exercises are numbered <lab>.<k>)"

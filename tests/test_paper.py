@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from unitlib import paper
+from unitlib.book import paper
 
 
 @pytest.mark.parametrize("number", sorted(paper.TABLES))

@@ -153,7 +153,7 @@ def test_a_record_made_under_other_defaults_is_stale(tmp_path):
     assert results.stale_reason(old, exp) == "defense defaults changed since it was made: patience 1 -> 5"
     assert results.stale_reason(old, exp, defense=False) is None  # the undefended model is the same
     assert results.find(exp, tmp_path) is None
-    from unitlib.report import RecordIndex
+    from unitlib.book.report import RecordIndex
     index = RecordIndex([tmp_path])
     assert index.lookup(exp) == (None, "after")
     assert index.lookup(exp, undefended=True)[0] == old

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from unitlib import appendix, book, paper, plots, report, widgets
+from unitlib.book import appendix, build, paper, plots, report, widgets
+from unitlib.book import cli as book_cli
 from unitlib.config import profile
 
 
@@ -73,8 +74,8 @@ def test_unimplemented_cells_say_what_is_missing():
     combat = table[table.attack == "COMBAT"]
     assert len(combat) and combat.status.str.contains("not implemented").all()
     # the adaptive attacks of Tables 4-6 are implemented: their cells are experiments, run or not
-    for build in (appendix.table4, appendix.table5, appendix.table6):
-        assert not sec.compare(build(sec), log=lambda *a: None).status.str.contains("not implemented").any()
+    for make_table in (appendix.table4, appendix.table5, appendix.table6):
+        assert not sec.compare(make_table(sec), log=lambda *a: None).status.str.contains("not implemented").any()
 
 
 def test_status_covers_every_item_without_running_anything(tmp_path):
@@ -152,8 +153,8 @@ def test_comparison_bars_draw_one_bar_per_row():
 
 
 def test_book_cli_parses_parameters():
-    assert book._value("['badnets', 'blend']") == ["badnets", "blend"]
-    assert book._value("None") is None and book._value("true") is True and book._value("0.03") == 0.03
-    assert book._value("smoke") == "smoke"
+    assert book_cli._value("['badnets', 'blend']") == ["badnets", "blend"]
+    assert book_cli._value("None") is None and book_cli._value("true") is True and book_cli._value("0.03") == 0.03
+    assert book_cli._value("smoke") == "smoke"
     with pytest.raises(ValueError, match="valid"):
-        book.execute("nope")
+        build.execute("nope")

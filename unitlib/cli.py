@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, TextIO
 
 from . import attacks, defenses, models
@@ -60,19 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("show", help="print a profile's experiment as JSON")
     show.add_argument("--profile", default="cpu", choices=list(PROFILES))
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    rec_p = sub.add_parser("records", help="print the result records as a Markdown table")
-    rec_p.add_argument("--profile", choices=list(PROFILES), help="only this profile's records")
-    rec_p.add_argument("--results", help="directory of records (default: results/ of the repository)")
-    rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
-    args = parser.parse_args(argv)
+    # The records as a table are the book's (pandas): the command stays here only to say where it went.
+    sub.add_parser("records", help="moved: python -m unitlib.book records (needs unitlib[book])")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "records":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
 
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = one_line_warning
         return _command(args)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: TextIO | None = None, line: str | None = None) -> None:
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: TextIO | None = None, line: str | None = None) -> None:
     """Warnings as one line each (``warning: ...``), not with the source line that raised them."""
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
@@ -88,13 +88,9 @@ def _command(args: argparse.Namespace) -> int:
                 print(f"{title}: {', '.join(names)}")
             return 0
         if args.command == "records":
-            from .report import markdown, records_table
-
-            if args.results is not None and not Path(args.results).is_dir():
-                raise ValueError(f"--results {args.results!r} is not a directory of records")
-            table = records_table(args.results, args.profile)
-            print(table.to_csv(index=False) if args.csv else markdown(table), end="\n" if not args.csv else "")
-            return 0
+            command = " ".join(["python -m unitlib.book records", *args.rest])
+            raise ValueError(f"the records table is the book's: {command} (with the book's extra installed: "
+                             "pip install 'unitlib[book]')")
         changes = overrides(args.set)
         if args.command == "run":
             for key in ("attack", "defense"):

@@ -1,12 +1,12 @@
 """The labs of the book's coursework track, in order: what each covers, what it assumes, and the work it does at the
-``cpu`` profile (from which its run time there is estimated, see :func:`unitlib.labs.timing.estimate`)."""
+``cpu`` profile (from which its run time there is estimated, see :func:`unitlib.book.labs.timing.estimate`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LABS_DIR = Path(__file__).resolve().parent.parent.parent / "labs"
+LABS_DIR = Path(__file__).resolve().parents[3] / "labs"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""How long each lab takes: measured (``python -m unitlib.labs time``, saved with its provenance in
+"""How long each lab takes: measured (``python -m unitlib.book.labs time``, saved with its provenance in
 ``labs/timings.json``) and, at the ``cpu`` profile, estimated from the work a lab does (:attr:`LabInfo.work`) and the
 seconds the committed ``cpu`` records took for the same stages."""
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-from .. import results
+from ... import results
 from .catalogue import LABS_DIR, LabInfo, get
 
 TIMINGS = LABS_DIR / "timings.json"
@@ -70,7 +70,7 @@ def _provenance(threads: int | None) -> dict[str, Any]:
 
 
 def measured(path: Path = TIMINGS) -> dict[str, Any]:
-    """What ``python -m unitlib.labs time`` recorded, by profile (empty when it never ran)."""
+    """What ``python -m unitlib.book.labs time`` recorded, by profile (empty when it never ran)."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -166,7 +166,7 @@ def _sources(profile: str, path: Path) -> str:
             notes.append(f"*{name}*: measured on {p['cpu']}, {p['threads']} thread(s){load}, code version "
                          f"`{p['code_version']}`, {p['created'][:10]}.")
         elif name == "smoke":
-            notes.append("*smoke*: not measured yet (`python -m unitlib.labs time`).")
+            notes.append("*smoke*: not measured yet (`python -m unitlib.book.labs time`).")
     try:
         st = stage_seconds(profile)
     except ValueError:

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import attacks, defenses, paper
-from . import results as store
-from .config import PROFILES, Experiment, profile
+from .. import attacks, defenses
+from .. import results as store
+from ..config import PROFILES, Experiment, profile
+from . import paper
 
 __all__ = ["NOT_IMPLEMENTED", "NOT_RUN", "REPRODUCED", "Cell", "Outcome", "Section"]
 
@@ -216,7 +217,7 @@ class Section:
         index = index or RecordIndex(self.record_dirs())
         record, which = index.lookup(exp, undefended=cell.defense == "No Defense")
         if record is None and self.compute:
-            from .experiment import run
+            from ..experiment import run
 
             log(f"computing {exp.attack} -> {exp.defense} at profile {exp.profile} (seed {exp.seed})")
             record = run(exp, device=self.device, results_dir=self.output_dir(), data_root=self.data_root,
@@ -345,7 +346,7 @@ def sample_images(section: Section, k: int = 4, data_root: str | None = None) ->
     """``k`` test images (float, [0, 1]) of the section's data set, one per class from class 1 on (class 0 is the
     default target), for showing triggers; falls back to the offline CIFAR-10 copy, then to synthetic data, when
     the profile's data set is not on this machine. Returns the images and the data set's name."""
-    from . import data
+    from .. import data
 
     wanted = profile(section.profile).dataset
     for name in dict.fromkeys([wanted, "cifar10-jpeg", "synthetic"]):
@@ -400,7 +401,7 @@ def gaps_markdown(df: pd.DataFrame) -> str:
 
 
 def sensitivity_view(grid: pd.DataFrame, baseline: str) -> tuple[str, str, dict[str, float] | None, pd.DataFrame] | None:
-    """What the A.3 grid explorer needs from a comparison table of :func:`unitlib.appendix.sensitivity`: the two
+    """What the A.3 grid explorer needs from a comparison table of :func:`unitlib.book.appendix.sensitivity`: the two
     parameters (bars, slider), UNIT's accuracy and ASR (the dashed lines) and the reproduced grid rows; None when no
     grid point is reproduced."""
     p1, p2 = [c for c in grid.columns if c not in ("defense",) and not c.startswith(("ours", "paper", "status"))][:2]
@@ -472,7 +473,7 @@ def tightening_records(profile_name: str = "cpu", attack: str = "Blend", seed: i
                        directory: str | Path | None = None) -> dict[str, store.Record]:
     """The records of UNIT with its defaults and with the official code's schedule on one backdoored model (the
     book's experiments for ``attack`` at ``profile_name``), by label; a run without a record is left out."""
-    from .defenses.unit import OFFICIAL_SCHEDULE
+    from ..defenses.unit import OFFICIAL_SCHEDULE
 
     sec = Section(name="method", profile=profile_name)
     cells = {"UNIT (defaults)": Cell({}, attack, "UNIT"),
@@ -496,7 +497,7 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
     attack and seed with a record: clean accuracy / ASR without defense, with UNIT's defaults and with the official
     code's schedule (percent), and for each UNIT run the step whose bounds were kept, the steps run, why tightening
     ended, the kept bounds' validation accuracy against the budget's threshold, and the defense's seconds."""
-    from .defenses.unit import OFFICIAL_SCHEDULE
+    from ..defenses.unit import OFFICIAL_SCHEDULE
 
     sec = Section(name="unit", profile=profile_name)
     index = RecordIndex([Path(directory or store.RESULTS_DIR)])

@@ -1,11 +1,11 @@
 """Coursework: the book's labs (``labs/*.md``), the checks that grade their exercises, and the student's copy.
 
-    python -m unitlib.labs list                                   # the labs, what they cover
-    python -m unitlib.labs strip lab2_unit_by_hand -o lab2.ipynb  # the student's copy, solutions removed
-    python -m unitlib.labs check lab2.ipynb                       # execute at smoke, one line per exercise
+    python -m unitlib.book.labs list                                   # the labs, what they cover
+    python -m unitlib.book.labs strip lab2_unit_by_hand -o lab2.ipynb  # the student's copy, solutions removed
+    python -m unitlib.book.labs check lab2.ipynb                       # execute at smoke, one line per exercise
 
 Inside a lab notebook: ``lab = labs.Lab(name)``, then ``lab.check(label, lambda: answer(...), test)`` per exercise
-(tests from :mod:`unitlib.labs.checks`); the grader reads the results back from the executed notebook.
+(tests from :mod:`unitlib.book.labs.checks`); the grader reads the results back from the executed notebook.
 
 The names below are loaded on first use, so that the book's build can read the catalogue without importing torch.
 """

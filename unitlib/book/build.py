@@ -1,9 +1,6 @@
 """Build the book: execute every page with papermill into ``build/``, then render it with Jupyter Book (warnings are
-errors), offline.
-
-    python -m unitlib.book build                         # what `make book` runs
-    python -m unitlib.book section a1_attacks -p profile smoke -p compute_missing true
-    python -m unitlib.book assets                        # the offline JavaScript (widgets, require.js, MathJax)
+errors), offline. The command line is :mod:`unitlib.book.cli` (``python -m unitlib.book build``, what `make book`
+runs).
 
 Executed notebooks go to ``build/notebooks``, ``build/book`` and ``build/labs`` (the table of contents points there,
 so the parameters a page ran with are the ones it shows); the HTML to ``_build/html``. A lab (``labs/``) is executed
@@ -14,7 +11,6 @@ fetched from npm at build time into ``build/static/vendor`` and served from ther
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -27,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import tempfiles
+from .. import tempfiles
 from .labs.catalogue import LABS as _LABS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "build"
 HTML = ROOT / "_build" / "html"
 VENDOR = BUILD / "static" / "vendor"
@@ -231,55 +227,3 @@ def build(parameters: dict[str, Any] | None = None, *, timeout: int = DEFAULT_TI
     seconds["html"] = time.perf_counter() - t
     log(f"rendered the book in {seconds['html']:.1f}s: {HTML / 'index.html'}")
     return seconds
-
-
-def _value(text: str) -> Any:
-    """A ``-p`` value: a Python or JSON literal when it parses (numbers, lists, None/null, true/false), else text."""
-    for parse in (ast.literal_eval, json.loads):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError):
-            continue
-    return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unitlib.book", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="execute every page and section, then render the book")
-    s = sub.add_parser("section", help="re-execute one section with new parameters, then re-render the book")
-    s.add_argument("name", choices=SECTIONS + PAGES + LAB_PAGES + LABS)
-    for p in (b, s):
-        p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                       help="a parameter of the section(s), e.g. -p profile smoke -p attacks \"['badnets']\"")
-        p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="seconds per cell")
-    s.add_argument("--no-html", action="store_true", help="only execute the notebook")
-    sub.add_parser("assets", help="fetch the offline JavaScript into build/static/vendor")
-    sub.add_parser("html", help="render the already executed notebooks")
-    args = parser.parse_args(argv)
-    os.chdir(ROOT)
-    if args.command == "assets":
-        print(assets())
-    elif args.command == "html":
-        print(html() / "index.html")
-    else:
-        params = {k: _value(v) for k, v in args.parameter}
-        try:  # before anything runs: a typo in a name is not a run with the defaults
-            for name in SECTIONS if args.command == "build" else [args.name]:
-                check_parameters(name, params)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if args.command == "build":
-            build(params, timeout=args.timeout)
-        else:
-            out = execute(args.name, params, timeout=args.timeout)
-            print(f"executed notebook: {out}")
-            if not args.no_html:
-                print(html() / "index.html")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

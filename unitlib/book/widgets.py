@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import attacks, paper, plots
+from .. import attacks
+from . import paper, plots
 from .report import RecordIndex, Section, _setting
 
 __all__ = [
@@ -76,7 +77,7 @@ def _html_table(df: pd.DataFrame) -> str:
 # -- the attack explorer --------------------------------------------------------------------------------------------
 def trigger_gallery(names: Sequence[str] | None = None, images: torch.Tensor | None = None, *,
                     seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Fig. 7's panels, ``{attack: {"clean", "poisoned", "difference"}}``: ``unitlib.gallery.trigger_gallery`` where
+    """Fig. 7's panels, ``{attack: {"clean", "poisoned", "difference"}}``: ``unitlib.book.gallery.trigger_gallery`` where
     that module exists, else each registered attack's ``apply`` on ``images`` (attacks whose trigger is learned from
     a model, ``needs_prepare``, are left out there)."""
     try:
@@ -86,7 +87,7 @@ def trigger_gallery(names: Sequence[str] | None = None, images: torch.Tensor | N
     if gallery is not None:
         return gallery(list(names) if names is not None else None, images, seed=seed)
     if images is None:
-        from .data import load, to_float
+        from ..data import load, to_float
 
         images = to_float(load("synthetic").x_test[:1])
     panels = {}
@@ -214,10 +215,10 @@ def unit_views(exp, *, n_images: int = 200, device: str = "cpu", data_root: str 
     """The backdoored model of ``exp`` (trained or from the cache, through the one pipeline,
     :func:`unitlib.experiment.setup`), defended as ``exp`` says, and each bounded layer's view plus a summary
     (metrics before/after, setting)."""
-    from . import data
-    from .experiment import setup
-    from .metrics import evaluate
-    from .train import resolve_device
+    from .. import data
+    from ..experiment import setup
+    from ..metrics import evaluate
+    from ..train import resolve_device
 
     dev = resolve_device(device)
     ready = setup(exp, device=dev, data_root=data_root, progress=False, log=lambda *a: None)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+import unitlib
+
 T = TypeVar("T")
 
 PASSED, NOT_DONE, FAILED, NOT_CHECKED = "passed", "not done", "failed", "not checked"
@@ -140,7 +142,7 @@ def _students(filename: str) -> bool:
     return not any(path.startswith(root + os.sep) for root in _LIBRARY_ROOTS)
 
 
-_LIBRARY_ROOTS = tuple({os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+_LIBRARY_ROOTS = tuple({os.path.dirname(os.path.abspath(unitlib.__file__)),
                         *(p for p in (sysconfig.get_paths().get(k) for k in ("stdlib", "purelib", "platlib")) if p)})
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data, experiment, results
-from ..config import Experiment
-from ..metrics import evaluate
+from ... import data, experiment, results
+from ...config import Experiment
+from ...metrics import evaluate
 
 
 def quiet(*args: Any) -> None:

@@ -1,6 +1,6 @@
 """The checks of the labs' exercises, one builder per exercise (``lab<N>_<what>``): each takes what the notebook has
 set up and returns a test that raises ``AssertionError`` with a message for the student when an answer is wrong
-(see :meth:`unitlib.labs.Lab.check`). A builder's arguments may include an earlier exercise's answer, which is
+(see :meth:`unitlib.book.labs.Lab.check`). A builder's arguments may include an earlier exercise's answer, which is
 ``None`` when that exercise did not pass: builders only capture them, and the tests use them. A check compares an
 answer with the library's own computation where there is one, and otherwise with what the answer must satisfy; none
 depends on the speed of the machine."""
@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import attacks, defenses, experiment
-from ..defenses.unit import BoundedModel, initial_bounds
+from ... import attacks, defenses, experiment
+from ...defenses.unit import BoundedModel, initial_bounds
 from .helpers import as_float, test_metrics
 
 Test = Callable[[Any], "str | None"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import attacks, data
+from .. import attacks, data
 
 # Small, fixed budget for the attacks that learn their trigger from a model (Trojan, CL, NARCISSUS): the gallery
 # shows what the trigger looks like, not how strong it is. Cached, so only the first call trains.

@@ -175,7 +175,7 @@ def reported(attack: str, defense: str, metric: str, *, table: int = 8, **settin
 def registry_name(paper_attack: str, registered: Any = None) -> str | None:
     """The registry name of the appendix's attack ``paper_attack`` if ``unitlib.attacks`` implements it, else None."""
     if registered is None:
-        from . import attacks
+        from .. import attacks
 
         registered = attacks.ATTACKS
     return _first_registered(ATTACKS, paper_attack, registered, "attack")
@@ -184,7 +184,7 @@ def registry_name(paper_attack: str, registered: Any = None) -> str | None:
 def defense_name(paper_defense: str, registered: Any = None) -> str | None:
     """The registry name of the appendix's defense ``paper_defense`` if ``unitlib.defenses`` implements it."""
     if registered is None:
-        from . import defenses
+        from .. import defenses
 
         registered = defenses.DEFENSES
     return _first_registered(DEFENSES, paper_defense, registered, "defense")

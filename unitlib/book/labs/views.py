@@ -6,8 +6,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import experiment, paper
-from ..defenses.unit import BoundedModel, clean_statistics, initial_bounds
+from ... import experiment
+from .. import paper
+from ...defenses.unit import BoundedModel, clean_statistics, initial_bounds
 from .helpers import test_metrics
 
 # Columns holding fractions, shown as percent.

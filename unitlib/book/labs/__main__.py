@@ -1,11 +1,11 @@
 """The labs from the command line: list them, make the students' copies, check the students' notebooks, time the
 reference solutions.
 
-    python -m unitlib.labs list
-    python -m unitlib.labs strip lab2_unit_by_hand -o lab2.ipynb       # a lab by name, or its .md
-    python -m unitlib.labs strip --all -d handout/                     # every lab, into a folder
-    python -m unitlib.labs check lab2.ipynb [more.ipynb ...] [--json grades.json]
-    python -m unitlib.labs time --profile smoke --out labs/timings.json
+    python -m unitlib.book.labs list
+    python -m unitlib.book.labs strip lab2_unit_by_hand -o lab2.ipynb       # a lab by name, or its .md
+    python -m unitlib.book.labs strip --all -d handout/                     # every lab, into a folder
+    python -m unitlib.book.labs check lab2.ipynb [more.ipynb ...] [--json grades.json]
+    python -m unitlib.book.labs time --profile smoke --out labs/timings.json
 
 ``check`` executes each notebook with papermill at the ``smoke`` profile (``--profile`` to change it) and prints one
 line per exercise: passed, not done, failed (with the reason) or not checked. It exits 0 when every exercise of
@@ -32,7 +32,7 @@ def _source(text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unitlib.labs", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m unitlib.book.labs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the labs, what each covers and what it assumes")

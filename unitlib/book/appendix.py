@@ -1,4 +1,4 @@
-"""The appendix's tables and figures as lists of :class:`~unitlib.report.Cell` s, one builder per item, and the
+"""The appendix's tables and figures as lists of :class:`~unitlib.book.report.Cell` s, one builder per item, and the
 book's status table (which item is reproduced at which profile, partly, or not yet).
 
 Each builder takes the section's parameters (which attacks, budgets, how many swept values) and returns the cells of
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import defenses, models, paper
-from .defenses.unit import OFFICIAL_SCHEDULE
+from .. import defenses, models
+from . import paper
+from ..defenses.unit import OFFICIAL_SCHEDULE
 from .report import REPRODUCED, Cell, RecordIndex, Section
 
 # The 14 attacks of A.1 in Table 8's order, and the A.2 additions.

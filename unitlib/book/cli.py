@@ -1,0 +1,100 @@
+"""The book's command line: build the book, re-execute one section, print the result records as a table.
+
+    python -m unitlib.book build                         # what `make book` runs
+    python -m unitlib.book section a1_attacks -p profile smoke -p compute_missing true
+    python -m unitlib.book assets                        # the offline JavaScript (widgets, require.js, MathJax)
+    python -m unitlib.book records --profile cpu         # every result record as a Markdown table (--csv)
+
+The build itself is :mod:`unitlib.book.build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import build
+
+
+def _value(text: str) -> Any:
+    """A ``-p`` value: a Python or JSON literal when it parses (numbers, lists, None/null, true/false), else text."""
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unitlib.book", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="execute every page and section, then render the book")
+    s = sub.add_parser("section", help="re-execute one section with new parameters, then re-render the book")
+    s.add_argument("name", choices=build.SECTIONS + build.PAGES + build.LAB_PAGES + build.LABS)
+    for p in (b, s):
+        p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="a parameter of the section(s), e.g. -p profile smoke -p attacks \"['badnets']\"")
+        p.add_argument("--timeout", type=int, default=build.DEFAULT_TIMEOUT, help="seconds per cell")
+    s.add_argument("--no-html", action="store_true", help="only execute the notebook")
+    sub.add_parser("assets", help="fetch the offline JavaScript into build/static/vendor")
+    sub.add_parser("html", help="render the already executed notebooks")
+    rec_p = sub.add_parser("records", help="print the result records as a Markdown table")
+    rec_p.add_argument("--profile", help="only this profile's records")
+    rec_p.add_argument("--results", help="directory of records (default: results/ of the repository)")
+    rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    args = parser.parse_args(argv)
+    if args.command == "records":
+        return records(args.results, args.profile, csv=args.csv)
+    os.chdir(build.ROOT)
+    if args.command == "assets":
+        print(build.assets())
+    elif args.command == "html":
+        print(build.html() / "index.html")
+    else:
+        params = {k: _value(v) for k, v in args.parameter}
+        try:  # before anything runs: a typo in a name is not a run with the defaults
+            for name in build.SECTIONS if args.command == "build" else [args.name]:
+                build.check_parameters(name, params)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.command == "build":
+            build.build(params, timeout=args.timeout)
+        else:
+            out = build.execute(args.name, params, timeout=args.timeout)
+            print(f"executed notebook: {out}")
+            if not args.no_html:
+                print(build.html() / "index.html")
+    return 0
+
+
+def records(directory: str | None = None, profile_name: str | None = None, *, csv: bool = False) -> int:
+    """Print every record in ``directory`` (default: the committed ``results/``) as one Markdown (or CSV) table,
+    :func:`unitlib.book.report.records_table`. A record that does not read is skipped with a one-line warning naming
+    it; a bad folder or profile is one line on stderr and exit status 2."""
+    from ..cli import one_line_warning
+    from .report import markdown, records_table
+
+    try:
+        if directory is not None and not Path(directory).is_dir():
+            raise ValueError(f"--results {directory!r} is not a directory of records")
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            table = records_table(directory, profile_name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table.to_csv(index=False) if csv else markdown(table), end="" if csv else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
