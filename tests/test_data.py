@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from unitlib import data
+from unitlib.data import cifar10, cifar10_jpeg, decode, locations, synthetic
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 N_TRAIN, N_TEST = 3, 2  # images per class in the JPEG fixture
@@ -26,11 +27,11 @@ def isolated(tmp_path, monkeypatch):
     """No test sees the user's data, cache or the shared data folder, nor another test's in-process cache."""
     monkeypatch.delenv("UNITLIB_DATA", raising=False)
     monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_SHARED_DATA_DIR", tmp_path / "no-shared-data")
-    for cached in (data._jpeg_arrays, data._cifar10_arrays, data._synthetic_arrays):
+    monkeypatch.setattr(locations, "SHARED_DATA_DIR", tmp_path / "no-shared-data")
+    for cached in (cifar10_jpeg._jpeg_arrays, cifar10._cifar10_arrays, synthetic._synthetic_arrays):
         cached.cache_clear()
     yield
-    for cached in (data._jpeg_arrays, data._cifar10_arrays, data._synthetic_arrays):
+    for cached in (cifar10_jpeg._jpeg_arrays, cifar10._cifar10_arrays, synthetic._synthetic_arrays):
         cached.cache_clear()
 
 
@@ -117,12 +118,12 @@ def test_jpeg_explicit_root_then_cache(tmp_path, monkeypatch):
     assert torch.equal(data.load("cifar10-jpeg", root=tmp_path).x_train, ds.x_train)
 
     # A new process (cleared in-process cache) reads the .npz and decodes nothing.
-    data._jpeg_arrays.cache_clear()
+    cifar10_jpeg._jpeg_arrays.cache_clear()
 
     def fail(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_decode_all", fail)
+    monkeypatch.setattr(cifar10_jpeg, "decode_all", fail)
     cached = data.load("cifar10-jpeg", root=tmp_path / "cifar10-jpeg.tar.xz")  # the archive path itself
     assert torch.equal(cached.x_train, ds.x_train) and torch.equal(cached.y_test, ds.y_test)
     assert cached.classes == CLASSES
@@ -149,7 +150,7 @@ def test_jpeg_via_env_and_unpacked_folder(tmp_path, monkeypatch):
     for name, blob in files.items():
         (unpacked / name).parent.mkdir(parents=True, exist_ok=True)
         (unpacked / name).write_bytes(blob)
-    data._jpeg_arrays.cache_clear()
+    cifar10_jpeg._jpeg_arrays.cache_clear()
     _check_jpeg_dataset(data.load("cifar10-jpeg", root=unpacked), files)
     _check_jpeg_dataset(data.load("cifar10-jpeg", root=unpacked / "cifar10-jpeg"), files)
 
@@ -169,10 +170,10 @@ def test_jpeg_size_is_balanced_subset(tmp_path):
 
 def test_jpeg_decodes_in_worker_processes(tmp_path, monkeypatch):
     # Chunks of 4 images: the pool starts, several chunks finish out of order, the result keeps the file order.
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 4)
+    monkeypatch.setattr(decode, "_DECODE_CHUNK", 4)
     pools = []
-    start_pool = data._start_pool
-    monkeypatch.setattr(data, "_start_pool", lambda: pools.append(start_pool()) or pools[-1])
+    start_pool = decode._start_pool
+    monkeypatch.setattr(decode, "_start_pool", lambda: pools.append(start_pool()) or pools[-1])
     files = _make_archive(tmp_path / "cifar10-jpeg.tar.xz")
     _check_jpeg_dataset(data.load("cifar10-jpeg", root=tmp_path), files)
     assert len(pools) == 1
@@ -188,12 +189,12 @@ def test_no_worker_processes_forked_beside_other_threads():
     thread = threading.Thread(target=stop.wait, daemon=True)
     thread.start()
     try:
-        assert data._start_pool() is None
+        assert decode._start_pool() is None
     finally:
         stop.set()
         thread.join()
     if sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1:
-        pool = data._start_pool()
+        pool = decode._start_pool()
         assert pool is not None
         pool.shutdown()
 
@@ -318,7 +319,7 @@ def test_synthetic_deterministic_and_balanced():
     assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
     assert torch.bincount(ds.y_train).tolist() == [200] * 10
     assert torch.bincount(ds.y_test).tolist() == [50] * 10
-    data._synthetic_arrays.cache_clear()
+    synthetic._synthetic_arrays.cache_clear()
     again = data.load("synthetic")
     assert torch.equal(ds.x_train, again.x_train) and torch.equal(ds.y_test, again.y_test)
     small = data.load("synthetic", size=105)
@@ -445,3 +446,12 @@ def test_real_cifar10_jpeg(monkeypatch):
     assert torch.bincount(full.y_test).tolist() == [1000] * 10
     small = data.load("cifar10-jpeg", root=REAL_ARCHIVE.parent, size=1000)
     assert torch.bincount(small.y_train).tolist() == [100] * 10 and len(small.x_test) == 10_000
+
+
+def test_the_public_names_stay_on_the_package():
+    # unitlib.data is a package of modules by concern; what callers use is on the package itself
+    assert sorted(data.__all__) == ["DATASETS", "Dataset", "balanced_subset", "cache_dir", "defense_split", "load",
+                                    "to_float"]
+    from unitlib.data import DATASETS, Dataset, balanced_subset, cache_dir, defense_split, load, to_float  # noqa: F401
+
+    assert data.Dataset.__module__ == "unitlib.data.dataset" and data.load.__module__ == "unitlib.data"

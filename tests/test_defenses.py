@@ -12,6 +12,7 @@ from torch import nn
 
 from unitlib import config, data, metrics
 from unitlib.cli import main
+from unitlib.data import splits, synthetic
 from unitlib.defenses import ANP, FP, FT, IBAU, NAD, NC, SEAM, SMOKE_PARAMS, CleanSplit, get
 from unitlib.defenses.common import Augmentation, ChannelMask, feature_sites, rotate
 from unitlib.defenses.nad import attention_map
@@ -67,8 +68,9 @@ def outcomes(planted):
     model = planted["model"]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mp = pytest.MonkeyPatch()
-    for name in ("load", "defense_split", "balanced_subset", "_synthetic_arrays", "_synthetic_split"):
-        mp.setattr(data, name, _tripwire)
+    for module, name in [(data, "load"), (data, "defense_split"), (data, "balanced_subset"),
+                         (splits, "balanced_subset"), (synthetic, "_synthetic_arrays"), (synthetic, "_synthetic_split")]:
+        mp.setattr(module, name, _tripwire)
     for key in list(data._LOADERS):
         mp.setitem(data._LOADERS, key, _tripwire)
     out = {}

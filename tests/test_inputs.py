@@ -198,9 +198,10 @@ CHILD = textwrap.dedent("""\
     import sys, time
     import numpy as np
     from unitlib import data
+    from unitlib.data import decode as decoding
 
-    data._DECODE_CHUNK = 4
-    decode = data._decode_jpegs
+    decoding._DECODE_CHUNK = 4
+    decode = decoding._decode_jpegs
 
     def slow_decode(names, blobs):  # runs in the workers
         time.sleep(3)
@@ -213,7 +214,7 @@ CHILD = textwrap.dedent("""\
         time.sleep(60)
 
     if sys.argv[2] == "decode":
-        data._decode_jpegs = slow_decode
+        decoding._decode_jpegs = slow_decode
     else:
         np.savez = stalled_savez
     data.load("cifar10-jpeg", root=sys.argv[1])
