@@ -176,18 +176,49 @@ def stale_reason(record: Record, experiment: Experiment, *, defense: bool = True
     return None
 
 
+def canonical_key(experiment: Experiment) -> str:
+    """The key of ``experiment`` with every attack and defense parameter that sits at today's default left out:
+    an experiment that names a parameter at its default and one that does not are the same experiment."""
+    from . import attacks, defenses  # the registries; imported here as config imports them too
+
+    def strip(params: dict[str, Any], registry: Any, name: str) -> dict[str, Any]:
+        try:
+            defaults = _canonical(registry.parameters(name))
+        except (KeyError, ValueError):
+            return params
+        return {k: v for k, v in params.items() if k not in defaults or _canonical(v) != defaults[k]}
+
+    return experiment.replace(
+        attack_params=strip(experiment.attack_params, attacks.REGISTRY, experiment.attack),
+        defense_params=strip(experiment.defense_params, defenses.REGISTRY, experiment.defense)).key()
+
+
 def find(experiment: Experiment, directory: str | os.PathLike | None = None) -> Record | None:
-    """The stored record of exactly this experiment as the library runs it today, if any (a file of its name that
-    is not a readable record is skipped with a warning naming it, as by :func:`load_all`; a record made under other
-    defaults, :func:`stale_reason`, is not this experiment)."""
+    """The stored record of this experiment as the library runs it today, if any: the record of its key, or one
+    whose experiment differs only by naming parameters at today's defaults (:func:`canonical_key`). A file that is
+    not a readable record is skipped with a warning naming it, as by :func:`load_all`; a record made under other
+    defaults (:func:`stale_reason`) is not this experiment."""
     key = experiment.key()
-    for path in Path(directory or RESULTS_DIR).glob(f"*__{key[:12]}.json"):
+    folder = Path(directory or RESULTS_DIR)
+    exact = list(folder.glob(f"*__{key[:12]}.json"))
+    c = experiment
+    others = [p for p in folder.glob(f"{c.dataset}__{c.attack}__{c.defense}__*.json") if p not in exact]
+    canonical = None
+    for path in exact + others:
         try:
             record = load(path)
         except ValueError as err:
             warnings.warn(f"skipping {err}", stacklevel=2)
             continue
-        if record.key == key and stale_reason(record, experiment) is None:
+        if record.key != key:
+            canonical = canonical or canonical_key(experiment)
+            try:
+                same = canonical_key(record.experiment) == canonical
+            except ValueError:
+                same = False
+            if not same:
+                continue
+        if stale_reason(record, experiment) is None:
             return record
     return None
 
