@@ -275,6 +275,11 @@ class RecordIndex:
 
     def add(self, record: store.Record) -> None:
         self.by_key[record.key] = record
+        try:
+            # a record that names parameters at today's defaults is also found under the key without them
+            self.by_key.setdefault(store.canonical_key(record.experiment), record)
+        except ValueError:
+            pass
         self.by_model.setdefault(record.provenance.get("model_key", ""), record)
 
     def lookup(self, exp: Experiment, *, undefended: bool = False) -> tuple[store.Record | None, str]:
