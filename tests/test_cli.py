@@ -164,8 +164,23 @@ def test_records_of_an_unknown_profile(tmp_path, capsys):
     assert "unknown profile 'gpu'; valid choices: smoke, cpu, paper" in capsys.readouterr().err
 
 
-def test_the_core_cli_says_where_the_records_table_went(capsys):
-    assert main(["records", "--profile", "cpu", "--csv"]) == 2
+@pytest.mark.parametrize("command", ["records", "grid"])
+def test_the_core_cli_says_where_the_book_commands_are(command, capsys):
+    assert main([command, "--profile", "cpu", "--csv"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "python -m unitlib.book records --profile cpu --csv" in err
+    assert err.count("\n") == 1 and f"python -m unitlib.book {command} --profile cpu --csv" in err
     assert "pip install 'unitlib[book]'" in err
+
+
+def test_grid_command_lists_the_missing_cells(tmp_path, capsys):
+    assert book_cli.main(["grid", "--profile", "smoke", "--table", "11", "--list", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("profile smoke: 1 item(s) (Table 11)") and "to run on 1 backdoored model(s)" in out
+    assert out.count(" -> unit") == 5
+
+
+def test_grid_command_refuses_a_bad_selection(capsys):
+    assert book_cli.main(["grid", "--profile", "cpu", "--table", "13"]) == 2
+    assert "unknown table or figure '13'; valid choices: A.1" in capsys.readouterr().err
+    assert book_cli.main(["grid", "--profile", "cpu"]) == 2
+    assert "nothing selected" in capsys.readouterr().err

@@ -12,6 +12,8 @@ from . import attacks, defenses, models
 from .config import PROFILES, profile
 from .experiment import COMPILE_MODES
 
+BOOK_COMMANDS = ("records", "grid")
+
 
 def _value(text: str) -> Any:
     """A --set value: JSON when it parses (numbers, booleans, null, lists), else the plain string."""
@@ -59,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("show", help="print a profile's experiment as JSON")
     show.add_argument("--profile", default="cpu", choices=list(PROFILES))
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    # The records as a table are the book's (pandas): the command stays here only to say where it went.
-    sub.add_parser("records", help="moved: python -m unitlib.book records (needs unitlib[book])")
+    # The records as a table and the grid runner are the book's (pandas): the commands stay here only to say where
+    # they are; the core never imports the book.
+    sub.add_parser("records", help="moved: python -m unitlib.book records (needs unitlib[book])",
+                   add_help=False)
+    sub.add_parser("grid", help="moved: python -m unitlib.book grid (needs unitlib[book])",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "records":
+    if rest and args.command not in BOOK_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
 
@@ -87,9 +93,9 @@ def _command(args: argparse.Namespace) -> int:
                                  ("attacks", sorted(attacks.ATTACKS)), ("defenses", sorted(defenses.DEFENSES))]:
                 print(f"{title}: {', '.join(names)}")
             return 0
-        if args.command == "records":
-            command = " ".join(["python -m unitlib.book records", *args.rest])
-            raise ValueError(f"the records table is the book's: {command} (with the book's extra installed: "
+        if args.command in BOOK_COMMANDS:
+            command = " ".join([f"python -m unitlib.book {args.command}", *args.rest])
+            raise ValueError(f"this command is the book's: {command} (with the book's extra installed: "
                              "pip install 'unitlib[book]')")
         changes = overrides(args.set)
         if args.command == "run":

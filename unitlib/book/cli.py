@@ -4,6 +4,7 @@
     python -m unitlib.book section a1_attacks -p profile smoke -p compute_missing true
     python -m unitlib.book assets                        # the offline JavaScript (widgets, require.js, MathJax)
     python -m unitlib.book records --profile cpu         # every result record as a Markdown table (--csv)
+    python -m unitlib.book grid --profile cpu --table 8  # run every missing cell (--section, --all; --list)
 
 The build itself is :mod:`unitlib.book.build`.
 """
@@ -50,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     rec_p.add_argument("--profile", help="only this profile's records")
     rec_p.add_argument("--results", help="directory of records (default: results/ of the repository)")
     rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    add_grid_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "records":
         return records(args.results, args.profile, csv=args.csv)
+    if args.command == "grid":
+        return grid_command(args)
     os.chdir(build.ROOT)
     if args.command == "assets":
         print(build.assets())
@@ -98,3 +102,55 @@ def records(directory: str | None = None, profile_name: str | None = None, *, cs
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
+    from . import grid
+
+    g = sub.add_parser("grid", help="run every missing cell of the appendix's tables and figures at a profile",
+                       description=grid.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"])
+    g.add_argument("--section", action="append", default=[], help=f"one of: {', '.join(grid.SECTIONS)}")
+    g.add_argument("--table", action="append", default=[], metavar="REF",
+                   help="a table or figure: 8, 'Table 8', 'Fig. 12', A.1 (repeatable)")
+    g.add_argument("--all", action="store_true", help="every table and figure of the appendix")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell (default: 0)")
+    g.add_argument("--list", action="store_true", help="only list the missing cells")
+    g.add_argument("--workers", type=int, default=1, help="cells run at once on this machine (processes)")
+    g.add_argument("--engine", default="local", choices=list(grid.ENGINES),
+                   help="local processes, or an existing Ray or Dask cluster (one task per backdoored model)")
+    g.add_argument("--address", help="the cluster to join (ray: 'auto' or host:port; dask: the scheduler)")
+    g.add_argument("--results", help="directory for the records (default: results/ of the repository; at smoke, "
+                                     "build/results/smoke)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--data-root", help="where the data sets are (default: $UNITLIB_DATA, then ../shared/data)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return g
+
+
+def grid_command(args: argparse.Namespace) -> int:
+    from . import grid
+    from .report import BUILD_RESULTS
+
+    results_dir = args.results or (str(BUILD_RESULTS / "smoke") if args.profile == "smoke" else None)
+    try:
+        items = grid.select_items(sections=args.section, tables=args.table, everything=args.all)
+        the_plan = grid.plan(args.profile, items, seeds=args.seeds, results_dir=results_dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(the_plan.describe(), flush=True)
+    if args.list or not the_plan.jobs:
+        return 0
+    try:
+        out = grid.run_grid(the_plan, workers=args.workers, engine=args.engine, address=args.address,
+                            results_dir=results_dir, device=args.device, data_root=args.data_root,
+                            progress=not args.quiet)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = [e for e in out if not e["ok"]]
+    total = sum(e["seconds"] for e in out)
+    print(f"{len(out) - len(failed)} of {len(out)} cell(s) done in {total:.0f} s of cell time"
+          + (f"; {len(failed)} failed (run again to retry them)" if failed else ""))
+    return 1 if failed else 0

@@ -1,0 +1,112 @@
+"""The grid runner: which cells are missing, running them once, resuming after an interruption, and the engines."""
+
+import pytest
+
+import unitlib.experiment as experiment_module
+from unitlib import results
+from unitlib.book import grid
+
+
+def test_select_items_by_section_table_or_all():
+    refs = lambda items: [i.ref for i in items]
+    assert refs(grid.select_items(tables=["8"])) == ["Table 8"]
+    assert refs(grid.select_items(tables=["table 11", "Fig. 12"])) == ["Table 11", "Fig. 12"]
+    assert refs(grid.select_items(tables=["fig13"])) == ["Fig. 13"]
+    assert set(refs(grid.select_items(sections=["a5_ablations"]))) == {
+        "Table 7", "Table 8", "Table 9", "Table 10", "Table 11", "Table 12", "Fig. 12", "Fig. 13", "Fig. 14"}
+    assert "A.1" in refs(grid.select_items(everything=True))
+    with pytest.raises(ValueError, match="unknown table or figure '13'; valid choices: A.1, Table 3"):
+        grid.select_items(tables=["13"])
+    with pytest.raises(ValueError, match="unknown section\\(s\\) a9; valid choices: a1_attacks"):
+        grid.select_items(sections=["a9"])
+    with pytest.raises(ValueError, match="nothing selected"):
+        grid.select_items()
+    with pytest.raises(ValueError, match="not both"):
+        grid.select_items(tables=["8"], everything=True)
+
+
+def test_plan_refuses_bad_profile_and_seeds():
+    items = grid.select_items(tables=["11"])
+    with pytest.raises(ValueError, match="unknown profile 'gpu'; valid choices: smoke"):
+        grid.plan("gpu", items)
+    with pytest.raises(ValueError, match="seeds must be one or more ints >= 0"):
+        grid.plan("smoke", items, seeds=[-1])
+
+
+def test_grid_runs_the_missing_cells_once_and_resumes_after_an_interruption(tmp_path, monkeypatch):
+    items = grid.select_items(tables=["11"])
+    first = grid.plan("smoke", items, results_dir=tmp_path)
+    # Table 11 at smoke: no defense and UNIT at each of the five budgets, on one backdoored model; the defended runs
+    # record the undefended model too, so no separate no-defense job is planned
+    assert len(first.jobs) == 5 and len(first.groups()) == 1
+    assert not any(job.undefended for job in first.jobs)
+    assert all("degradation" in job.label or "unit" in job.label for job in first.jobs)
+
+    real_run, calls = experiment_module.run, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the grid during its third cell
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(first, results_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert len(results.load_all(tmp_path)) == 2  # the two finished cells kept their records
+    monkeypatch.setattr(experiment_module, "run", real_run)
+
+    resumed = grid.plan("smoke", items, results_dir=tmp_path)
+    assert len(resumed.jobs) == 3 and resumed.n_done == first.n_done + 3  # two runs, and the no-defense cell
+    lines = []
+    out = grid.run_grid(resumed, results_dir=tmp_path, progress=False, log=lines.append)
+    assert [e["ok"] for e in out] == [True] * 3
+    assert all(line.startswith("done ") and " s: acc " in line for line in lines)
+    assert grid.plan("smoke", items, results_dir=tmp_path).jobs == []
+
+
+def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    items = grid.select_items(tables=["11"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path)
+    real_run = experiment_module.run
+
+    def fails_on_budget_five(exp, **kwargs):
+        if exp.defense_params.get("degradation") == 0.05:
+            raise FloatingPointError("non-finite loss")
+        return real_run(exp, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "run", fails_on_budget_five)
+    lines = []
+    out = grid.run_grid(the_plan, results_dir=tmp_path, progress=False, log=lines.append)
+    assert sum(not e["ok"] for e in out) == 1 and sum(e["ok"] for e in out) == 4
+    assert any(line.startswith("FAILED ") and "FloatingPointError: non-finite loss" in line for line in lines)
+    assert len(grid.plan("smoke", items, results_dir=tmp_path).jobs) == 1
+
+
+def test_engines_and_workers_are_checked(tmp_path):
+    the_plan = grid.plan("smoke", grid.select_items(tables=["11"]), results_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown engine 'spark'; valid choices: local, ray, dask"):
+        grid.run_grid(the_plan, engine="spark", progress=False)
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        grid.run_grid(the_plan, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("engine", ["ray", "dask"])
+def test_a_missing_engine_says_how_to_get_it(engine, tmp_path, monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith(engine) else real_import(name, *a))
+    the_plan = grid.plan("smoke", grid.select_items(tables=["11"]), results_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=f"engine '{engine}' needs the {engine} package"):
+        grid.run_grid(the_plan, engine=engine, progress=False)
+
+
+def test_workers_run_groups_in_parallel_processes(tmp_path):
+    items = grid.select_items(tables=["Fig. 13"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path)
+    assert len(the_plan.groups()) >= 2  # one backdoored model per target label
+    out = grid.run_grid(the_plan, workers=2, results_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert all(e["ok"] for e in out), [e.get("error") for e in out]
+    assert grid.plan("smoke", items, results_dir=tmp_path).jobs == []

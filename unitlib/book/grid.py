@@ -1,0 +1,268 @@
+"""The grid runner: every missing cell of the appendix's tables and figures at one profile, run as one job that
+resumes where it stopped, on one machine (``workers`` processes) or on a cluster through an engine that already
+exists (Ray or Dask; neither is a dependency of unitlib).
+
+A cell is missing when the result records (the committed ``results/`` and ``results_dir``) hold no record of its
+experiment as the library runs it today. Cells that share a backdoored model form one *group*, run in order by one
+worker, so that each model is trained once and the defenses that need it reuse it from the model cache. Each cell's
+record is written as soon as the cell is done, so an interrupted grid loses at most the cells in flight: the next
+run plans again and finds only what is still missing.
+
+    python -m unitlib.book grid --profile cpu --section a5_ablations --list
+    python -m unitlib.book grid --profile cpu --table 8 --workers 2
+    python -m unitlib.book grid --profile cpu --all --engine ray --address auto
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .. import results as store
+from ..config import PROFILES, Experiment, profile
+from .appendix import ITEMS, Item
+from .report import RecordIndex, Section
+
+__all__ = ["ENGINES", "Job", "Plan", "item_refs", "plan", "run_grid", "run_group", "select_items"]
+
+ENGINES = ("local", "ray", "dask")
+SECTIONS = tuple(dict.fromkeys(item.notebook for item in ITEMS))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One experiment the grid needs, and which tables and figures need it."""
+
+    experiment: Experiment
+    undefended: bool  # a No Defense cell: any record of its backdoored model serves
+    refs: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        e = self.experiment
+        base = profile(e.profile).to_dict()
+        skip = {"attack", "defense", "seed", "profile", "attack_params", "defense_params"}
+        changes = [f"{k}={v}" for k, v in e.to_dict().items() if k not in skip and base.get(k) != v]
+        changes += [f"{k}={v}" for k, v in {**e.attack_params, **e.defense_params}.items()]
+        what = f" [{', '.join(changes)}]" if changes else ""
+        return f"{e.attack} -> {e.defense}{what} (seed {e.seed}; {', '.join(self.refs)})"
+
+
+@dataclass
+class Plan:
+    """What a grid covers at a profile: its cells, those with records, those that cannot run yet, and the jobs."""
+
+    profile: str
+    items: list[Item]
+    jobs: list[Job]  # missing experiments, grouped by backdoored model (see :meth:`groups`)
+    n_cells: int  # cells x seeds of the selected items
+    n_done: int  # of them, with a record
+    not_implemented: int  # of them, needing an attack or defense the library does not have
+
+    def groups(self) -> list[list[Job]]:
+        """The jobs by backdoored model, in plan order: one group per model, trained once."""
+        by_model: dict[str, list[Job]] = {}
+        for job in self.jobs:
+            by_model.setdefault(job.experiment.model_key(), []).append(job)
+        return list(by_model.values())
+
+    def describe(self) -> str:
+        lines = [f"profile {self.profile}: {len(self.items)} item(s) ({', '.join(item_refs(self.items))}); "
+                 f"{self.n_cells} cell(s) x seed(s), {self.n_done} with a record, {self.not_implemented} not "
+                 f"implemented, {len(self.jobs)} experiment(s) to run on {len(self.groups())} backdoored model(s)"]
+        lines += [f"  {job.label}" for job in self.jobs]
+        return "\n".join(lines)
+
+
+def item_refs(items: Iterable[Item]) -> list[str]:
+    return list(dict.fromkeys(i.ref for i in items))
+
+
+def _normalise_ref(ref: str) -> str:
+    """``8``, ``table 8``, ``Table8`` -> ``Table 8``; ``fig12``, ``Fig. 12``, ``figure 12`` -> ``Fig. 12``; ``A.1``."""
+    text = ref.strip()
+    m = re.fullmatch(r"(?i)(table|tab\.?|fig(?:ure)?\.?)?\s*(\d+)", text)
+    if m:
+        kind = "Fig." if (m.group(1) or "").lower().startswith("fig") else "Table"
+        return f"{kind} {m.group(2)}"
+    return text.upper() if re.fullmatch(r"(?i)a\.\d", text) else text
+
+
+def select_items(*, sections: Iterable[str] = (), tables: Iterable[str] = (), everything: bool = False) -> list[Item]:
+    """The appendix items (tables and figures with cells) of the named sections and tables, or all of them."""
+    sections, tables = list(sections), list(tables)
+    with_cells = [i for i in ITEMS if i.cells is not None]
+    if everything:
+        if sections or tables:
+            raise ValueError("give --all, or sections and tables, not both")
+        return with_cells
+    if not sections and not tables:
+        raise ValueError("nothing selected: give a section, a table or figure, or all")
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {', '.join(bad)}; valid choices: {', '.join(SECTIONS)}")
+    refs = {_normalise_ref(t): t for t in tables}
+    valid = item_refs(with_cells)
+    bad = [given for ref, given in refs.items() if ref not in valid]
+    if bad:
+        raise ValueError(f"unknown table or figure {', '.join(map(repr, bad))}; valid choices: {', '.join(valid)}")
+    return [i for i in with_cells if i.notebook in sections or i.ref in refs]
+
+
+def plan(
+    profile: str, items: list[Item], *, seeds: Iterable[int] = (0,), results_dir: str | os.PathLike | None = None,
+) -> Plan:
+    """The missing experiments of ``items`` at ``profile`` for ``seeds`` (nothing is run)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid choices: {', '.join(PROFILES)}")
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be one or more ints >= 0, got {seeds!r}")
+    dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
+    index = RecordIndex([d for d in dict.fromkeys(dirs) if d.exists()])
+    wanted: dict[str, tuple[Experiment, bool, list[str]]] = {}
+    n_cells = n_done = missing_parts = 0
+    for item in items:
+        # every swept value, every attack: a grid fills the whole table (max_sweep applies only to what is shown)
+        sec = Section(name=item.notebook, profile=profile, seeds=seeds, compute_missing=False,
+                      max_sweep=10**6 if profile == "smoke" else None,
+                      results_dir=str(results_dir) if results_dir else None)
+        assert item.cells is not None
+        for cell in item.cells(sec):
+            for seed in seeds:
+                n_cells += 1
+                exp = None if cell.missing else sec.experiment(cell, seed)
+                if exp is None:
+                    missing_parts += 1
+                    continue
+                undefended = cell.defense == "No Defense"
+                if index.lookup(exp, undefended=undefended)[0] is not None:
+                    n_done += 1
+                    continue
+                key = exp.model_key() if undefended else exp.key()
+                entry = wanted.setdefault(key, (exp, undefended, []))
+                if item.ref not in entry[2]:
+                    entry[2].append(item.ref)
+    # A defended run of a model records the undefended model too: a No Defense job is needed only where no defended
+    # job of the same model is planned.
+    defended_models = {e.model_key() for e, und, _ in wanted.values() if not und}
+    jobs = [Job(e, und, tuple(refs)) for e, und, refs in wanted.values()
+            if not (und and e.model_key() in defended_models)]
+    return Plan(profile, items, jobs, n_cells, n_done, missing_parts)
+
+
+def run_group(
+    experiments: list[dict[str, Any]], results_dir: str | None, device: str, data_root: str | None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run experiments (as ``Experiment.to_dict()``) one after another and write their records; what each took, and
+    the error of any that failed (the others still run). Top-level and plain-data in and out, so that a process
+    pool, Ray or Dask can ship it to a worker."""
+    import torch
+
+    from ..experiment import run
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = []
+    for config in experiments:
+        exp = Experiment.from_dict(config)
+        started = time.perf_counter()
+        try:
+            record = run(exp, device=device, results_dir=results_dir, data_root=data_root, progress=False,
+                         log=lambda *a: None)
+            out.append({"key": exp.key(), "ok": True, "seconds": time.perf_counter() - started,
+                        "after": record.metrics["after"]})
+        except Exception as err:  # one failed cell must not lose the others
+            out.append({"key": exp.key(), "ok": False, "seconds": time.perf_counter() - started,
+                        "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+    return out
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_grid(
+    the_plan: Plan, *, workers: int = 1, engine: str = "local", address: str | None = None,
+    results_dir: str | os.PathLike | None = None, device: str = "auto", data_root: str | None = None,
+    progress: bool = True, log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every job of ``the_plan``: one progress bar over the cells, a line per cell with its seconds. Returns one
+    entry per job (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in this
+    process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address``."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    out_dir = str(results_dir) if results_dir else None
+    groups = the_plan.groups()
+    labels = {job.experiment.key(): job.label for job in the_plan.jobs}
+    payloads = [[job.experiment.to_dict() for job in group] for group in groups]
+    done: list[dict[str, Any]] = []
+    bar = tqdm(total=len(the_plan.jobs), desc=f"grid {the_plan.profile}", unit="cell", disable=not progress)
+
+    def collect(entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            done.append(entry)
+            label = labels.get(entry["key"], entry["key"][:12])
+            if entry["ok"]:
+                after = entry["after"]
+                log(f"done {label} in {entry['seconds']:.0f} s: acc {after['clean_acc']:.2%}, asr {after['asr']:.2%}")
+            else:
+                log(f"FAILED {label} after {entry['seconds']:.0f} s: {entry['error']}")
+            bar.update(1)
+
+    try:
+        if engine == "local" and workers == 1:
+            for payload in payloads:
+                collect(run_group(payload, out_dir, device, data_root))
+        elif engine == "local":
+            threads = _threads_per_worker(workers)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(run_group, p, out_dir, device, data_root, threads) for p in payloads]
+                for future in as_completed(futures):
+                    collect(future.result())
+        elif engine == "ray":
+            ray = _engine_module("ray")
+            if not ray.is_initialized():
+                ray.init(address=address or "auto")
+            remote = ray.remote(run_group)
+            pending = [remote.remote(p, out_dir, device, data_root) for p in payloads]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                collect(ray.get(ready[0]))
+        else:
+            distributed = _engine_module("dask.distributed")
+            client = distributed.Client(address) if address else distributed.Client()
+            try:
+                futures = [client.submit(run_group, p, out_dir, device, data_root, pure=False) for p in payloads]
+                for future in distributed.as_completed(futures):
+                    collect(future.result())
+            finally:
+                client.close()
+    finally:
+        bar.close()
+    return done
+
+
+def _engine_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        package = name.split(".")[0]
+        extra = "dask[distributed]" if package == "dask" else package
+        raise RuntimeError(f"engine {package!r} needs the {package} package, which unitlib does not install: "
+                           f"pip install '{extra}' (or use --engine local)") from err
