@@ -77,17 +77,13 @@ def _default_unit(attack: str, seed: int = 0):
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
     "refool": "no backdoor to remove: the Refool paper's random reflection pool leaves the undefended model at 18.99% "
-              "ASR (UNIT: 23.11%)",
-    "narcissus": "the same overshoot at step 12 (below the threshold to the stop at step 31; kept bounds of step 11) "
-                 "and ASR 98.47% even there: clipping within the budget leaves this clean-label trigger working",
-    "blend": "ASR 8.31% but 3.25 points of test accuracy for the 2.00 points of validation accuracy the budget allows",
-    "wanet": "tightening overshoots the budget at step 15 and validation accuracy stays below the threshold for the "
-             "next 285 steps (measured with a stop that waits, and with projection): the kept bounds are step 14's, "
-             "36.78% ASR",
-    "instagram": "the same overshoot as WaNet: below the threshold from step 16 to the stop at step 35; kept bounds "
-                 "of step 15, 59.91% ASR",
-    "sig": "the same overshoot: below the threshold from step 15 to the stop at step 34; kept bounds of step 14, "
-           "30.30% ASR (the undefended model reaches 86.01% ASR only)",
+              "ASR (UNIT: 24.12%)",
+    "narcissus": "the trigger is not abnormal where UNIT looks: ASR 98.39% at the 2% budget (measured with "
+                 "unit.exceedance and looser budgets in the closing note of the UNIT-fidelity issue)",
+    "blend": "ASR 10.23% at 3.17 points of test accuracy for the 2 points of validation accuracy the budget allows "
+             "(the defender's validation images are training images)",
+    "instagram": "the filter's activations exceed the kept bounds only 0.6-2.3x as often as clean images' do; ASR "
+                 "64.87% at the 2% budget, 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
 }
 
 

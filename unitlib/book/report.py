@@ -514,7 +514,7 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
             found = False
             for label, params in runs.items():
                 exp = sec.experiment(Cell({}, attack, "UNIT", defense_params=params), seed)
-                rec = index.by_key.get(exp.key()) if exp is not None else None
+                rec = index.lookup(exp)[0] if exp is not None else None  # stale records are not shown
                 if rec is None:
                     continue
                 found = True
