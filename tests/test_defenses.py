@@ -24,7 +24,7 @@ from unitlib.defenses.common import Augmentation, ChannelMask, feature_sites, ro
 from unitlib.defenses.nad import attention_map
 from unitlib.defenses.nc import anomaly_index
 from unitlib.defenses.rnp import prune, recover_masks
-from unitlib.defenses.tuning import SAM
+from unitlib.defenses.tuning import SAM, tune
 from unitlib.experiment import build_model
 from unitlib.train import fit
 
@@ -545,3 +545,15 @@ def test_super_ft_lr_cycles_rise_to_their_peaks_and_fall_back(outcomes):
     steps = run.report["steps_per_epoch"]
     assert [h["lr"] for h in history] == pytest.approx([run.lr_at((e + 1) * steps - 1, steps)
                                                         for e in range(run.epochs)])
+
+
+@pytest.mark.parametrize("check_every,stopped_at", [(1, 3), (2, 4), (0, 5)])
+def test_tune_stops_where_the_validation_check_says(check_every, stopped_at):
+    """RNP's unlearning floor is checked after every step (check_every 1), not only at the end of an epoch (0): the
+    run ends at the first check that says stop, mid-epoch, and its last history entry covers the steps run."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.rand(40, 3, 2, 2), torch.arange(40) % 2
+    history = tune(net, x, y, epochs=3, batch_size=8, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                   lr_at=lambda s: 0.1, x_val=x[:8], y_val=y[:8], stop=lambda h: h["step"] >= 3,
+                   check_every=check_every, progress=False)
+    assert len(history) == 1 and history[0]["step"] == stopped_at and 0 <= history[0]["val_acc"] <= 1

@@ -30,7 +30,7 @@ from .unit import UNIT, BoundedModel
 # beta or lr for NAD; larger forget sets, higher forget lr, shorter recovery for SEAM): their tests use seed 0,
 # where both pass. The five of A.2, measured on seeds 0-4 with one and two threads (seed 5's planted model carries no
 # backdoor at this code version, ASR 0.03 before any defense): FST ASR <= 0.10 (accuracy >= 0.90), RNP ASR 0.00
-# (accuracy >= 0.68), FT-SAM ASR <= 0.11 (accuracy >= 0.79; at lr 0.03 it left ASR 0.60 and 0.75 on two runs),
+# (accuracy >= 0.77), FT-SAM ASR <= 0.11 (accuracy >= 0.79; at lr 0.03 it left ASR 0.60 and 0.75 on two runs),
 # Super-FT ASR <= 0.02 (accuracy >= 0.93; without momentum, peaks of 0.5-1.0 either left the backdoor on one seed or
 # cost half the accuracy on another). CLP needs no budget and reads no data; it does not remove the smoke backdoor
 # (ASR stays 1.00: the backdoor's channels are not outliers of their layers at u = 3) and is checked for a working

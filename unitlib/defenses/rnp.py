@@ -20,7 +20,9 @@ threshold of the sweep at which the ASR falls (to 6.6%). The appendix's Fig. 11 
 running RNP again. Augmentation here: random crop and horizontal flip.
 
 Departures: unlearning stops on the defender's validation accuracy (eval mode) rather than the running training
-accuracy of the ascent epoch, as every stopping rule here uses the validation split; the gradient norm is clipped
+accuracy of the ascent epoch, as every stopping rule here uses the validation split, and checks it after every step
+(``check_every``): the ascent accelerates, and a check once an epoch can overshoot far past the floor, to a model
+the masks cannot bring back to its task; the gradient norm is clipped
 after the backward pass (the official call comes before it, on zeroed gradients, where it does nothing); if the
 floor is not reached within ``unlearn_epochs``, recovery starts from the last unlearned weights and the report says
 so. For two CPU cores only the epochs change, through the parameters; the smoke budget (``SMOKE_PARAMS``) runs 5
@@ -152,7 +154,8 @@ class RNP(Defense):
 
     - ``unlearn_lr``, ``unlearn_epochs``, ``unlearn_lr_step``: gradient ascent on the clean loss (the lr divided by 10
       every ``unlearn_lr_step`` epochs; 0 keeps it constant); ``unlearn_acc``: stop once validation accuracy is at or
-      below it; ``max_grad_norm``: clip of the gradient's norm.
+      below it, checked every ``check_every`` steps (0: after each epoch only); ``max_grad_norm``: clip of the
+      gradient's norm.
     - ``mask_lr``, ``mask_epochs``, ``alpha``: recovery, SGD (momentum 0.9) on the neuron masks for the loss
       ``alpha * CE``.
     - ``pruning_threshold``: prune neurons whose mask ends at or below it.
@@ -166,6 +169,7 @@ class RNP(Defense):
     unlearn_epochs: int = 20
     unlearn_lr_step: int = 10
     unlearn_acc: float = 0.2
+    check_every: int = 1
     max_grad_norm: float = 20.0
     mask_lr: float = 0.2
     mask_epochs: int = 20
@@ -182,7 +186,7 @@ class RNP(Defense):
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "unlearn_epochs", "mask_epochs", "batch_size")
-        check_positive_ints(self, "unlearn_lr_step", minimum=0)
+        check_positive_ints(self, "unlearn_lr_step", "check_every", minimum=0)
         check_positive(self, "unlearn_lr", "max_grad_norm", "mask_lr", "alpha")
         check_range("unlearn_acc", self.unlearn_acc, 0, 1)
         check_range("pruning_threshold", self.pruning_threshold, 0, 1)
@@ -208,7 +212,8 @@ class RNP(Defense):
             lr_at=lambda s: step_lr(self.unlearn_lr, s // steps, self.unlearn_lr_step),
             x_val=x_val, y_val=y_val, augmentation=augmentation,
             loss_fn=lambda net, xb, yb: -F.cross_entropy(net(xb).float(), yb), max_grad_norm=self.max_grad_norm,
-            stop=lambda h: h["val_acc"] <= self.unlearn_acc, seed=self.seed, desc="rnp unlearn", progress=progress,
+            stop=lambda h: h["val_acc"] <= self.unlearn_acc, check_every=self.check_every, seed=self.seed,
+            desc="rnp unlearn", progress=progress,
         )
         for h in unlearn:
             h["loss"] = -h["loss"]  # the clean cross-entropy, which unlearning raises

@@ -93,6 +93,7 @@ def tune(
     max_grad_norm: float | None = None,
     after_step: Callable[[], None] | None = None,
     stop: Callable[[dict[str, float]], bool] | None = None,
+    check_every: int = 0,
     seed: int = 0,
     desc: str = "tune",
     progress: bool = True,
@@ -100,9 +101,11 @@ def tune(
     """Train ``model`` in place on the clean images ``x`` (float, on the model's device). Before step ``s`` (0-based,
     counted over the whole run) every parameter group's lr is set to ``lr_at(s)``. Each batch is augmented and its
     loss is ``loss_fn``; the step is plain (``optimizer.step()``) or sharpness-aware (``sam``), with the gradient's
-    global norm clipped to ``max_grad_norm`` when given; ``after_step()`` runs after each step. After each epoch the
-    validation accuracy is measured and the run ends early when ``stop(entry)`` says so. Returns one entry per epoch:
-    epoch, last lr, mean loss, validation accuracy. A loss that is not finite raises FloatingPointError."""
+    global norm clipped to ``max_grad_norm`` when given; ``after_step()`` runs after each step. After each epoch, and
+    with ``check_every`` > 0 also every ``check_every`` steps, the validation accuracy is measured and the run ends
+    there when ``stop(entry)`` says so. Returns one entry per epoch (epoch, step count, last lr, mean loss, validation
+    accuracy), the last one for the part of an epoch run before a stop. A loss that is not finite raises
+    FloatingPointError."""
     dev = x.device
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
@@ -111,10 +114,11 @@ def tune(
     bar = tqdm(total=epochs * steps, desc=desc, unit="step", disable=not progress)
     step = 0
     rate = lr_at(0)
+    stopped = False
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).to(dev)
-        loss_sum = 0.0
+        loss_sum, seen, acc = 0.0, 0, None
         for i in range(steps):
             rate = lr_at(step)
             for g in optimizer.param_groups:
@@ -147,14 +151,23 @@ def tune(
                 raise FloatingPointError(f"{desc}: the loss is not finite at step {step + 1} (lr {rate:g}); lower "
                                          "the learning rate")
             loss_sum += value * len(idx)
+            seen += len(idx)
             step += 1
             bar.update()
+            if stop is not None and check_every > 0 and step % check_every == 0 and i < steps - 1:
+                model.eval()
+                acc = accuracy(model, x_val, y_val, batch_size=500, device=dev)
+                model.train()
+                if stop({"step": step, "val_acc": acc}):
+                    stopped = True
+                    break
         model.eval()
-        acc = accuracy(model, x_val, y_val, batch_size=500, device=dev)
-        entry = {"epoch": epoch + 1, "lr": rate, "loss": round(loss_sum / n, 5), "val_acc": acc}
+        if not stopped:
+            acc = accuracy(model, x_val, y_val, batch_size=500, device=dev)
+        entry = {"epoch": epoch + 1, "step": step, "lr": rate, "loss": round(loss_sum / seen, 5), "val_acc": acc}
         history.append(entry)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / n:.3f}", val_acc=f"{acc:.3f}")
-        if stop is not None and stop(entry):
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", val_acc=f"{acc:.3f}")
+        if stopped or (stop is not None and stop(entry)):
             break
     bar.close()
     return history
