@@ -1,7 +1,8 @@
 """The book: every section notebook executes under the smoke profile through papermill (the build's own path), the
 whole book builds with warnings as errors, and a headless Chromium opens every page offline: no failed or external
-request, widgets rendered, and the attack explorer's dropdown switches its panel; the lab pages raise no error and
-their solutions open and close without a kernel. Screenshots: build/screenshots."""
+request, no JavaScript error (uncaught, or logged to the console as an error), widgets rendered, and the attack
+explorer's dropdown switches its panel; the lab pages' solutions open and close without a kernel. Screenshots:
+build/screenshots."""
 
 from __future__ import annotations
 
@@ -149,10 +150,14 @@ def browser():
         b.close()
 
 
-def _open(browser, url: str, base: str, errors: list[str] | None = None):
+def _open(browser, url: str, base: str):
+    """Open ``url``; returns the page, its requests to other hosts, its failed requests and its errors: uncaught
+    JavaScript errors and console messages of type error (a theme or widget script that logs one is broken too)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    if errors is not None:  # uncaught JavaScript errors of the page
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    page.on("console", lambda m: errors.append(f"console: {m.text} ({m.location.get('url', '')})")
+            if m.type == "error" else None)
     requests, failed = [], []
     page.on("request", lambda r: requests.append(r.url))
     page.on("requestfailed", lambda r: failed.append(f"{r.url} ({r.failure})"))
@@ -161,7 +166,7 @@ def _open(browser, url: str, base: str, errors: list[str] | None = None):
     page.wait_for_timeout(500)
     host = urlparse(base).netloc
     external = [u for u in requests if urlparse(u).scheme in ("http", "https") and urlparse(u).netloc != host]
-    return page, external, failed
+    return page, external, failed, errors
 
 
 def _visible_heading(page) -> list[str]:
@@ -186,7 +191,7 @@ def test_every_page_offline_in_a_browser(built_book, server, browser):
     widget_pages = {"build/book/method.html", "build/notebooks/a1_attacks.html"}
     for path in _pages(built_book):
         rel = path.relative_to(built_book).as_posix()
-        page, external, failed = _open(browser, f"{server}/{rel}", server)
+        page, external, failed, errors = _open(browser, f"{server}/{rel}", server)
         assert not external, f"{rel}: external requests {external}"
         assert not failed, f"{rel}: failed requests {failed}"
         if rel in widget_pages:
@@ -196,12 +201,13 @@ def test_every_page_offline_in_a_browser(built_book, server, browser):
             assert page.locator("mjx-container").count() > 0, "MathJax did not typeset the equations"
         page.screenshot(path=str(SCREENSHOTS / (rel.replace("/", "_").removesuffix(".html") + ".png")),
                         full_page=True)
+        assert not errors, f"{rel}: errors {errors}"  # on loading, or while the widgets rendered
         page.close()
 
 
 def test_attack_explorer_dropdown_switches_the_panel(built_book, server, browser):
-    page, external, failed = _open(browser, f"{server}/build/notebooks/a1_attacks.html", server)
-    assert not external and not failed
+    page, external, failed, errors = _open(browser, f"{server}/build/notebooks/a1_attacks.html", server)
+    assert not external and not failed and not errors, (external, failed, errors)
     explorer = page.locator(".unitlib-explorer").first
     explorer.wait_for(timeout=30_000)
     select = explorer.locator("select").first
@@ -213,16 +219,16 @@ def test_attack_explorer_dropdown_switches_the_panel(built_book, server, browser
     select.select_option(index=1)
     assert _heading_becomes(page, [options[1]]) == [options[1]], "the dropdown did not switch the panel"
     page.screenshot(path=str(SCREENSHOTS / "a1_attacks_explorer_second.png"))
+    assert not errors, f"switching the panel: errors {errors}"
     page.close()
 
 
 def test_lab_pages_have_no_errors_and_solutions_toggle_without_a_kernel(built_book, server, browser):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for name in build.LAB_PAGES + build.LABS:
-        errors: list[str] = []
-        page, external, failed = _open(browser, f"{server}/build/labs/{name}.html", server, errors)
+        page, external, failed, errors = _open(browser, f"{server}/build/labs/{name}.html", server)
         assert not external and not failed, (name, external, failed)
-        assert not errors, f"{name}: page errors {errors}"
+        assert not errors, f"{name}: errors {errors}"
         if name == "lab2_unit_by_hand":
             solution = page.locator(".solution.dropdown").first
             code = solution.locator("pre").first
@@ -235,4 +241,5 @@ def test_lab_pages_have_no_errors_and_solutions_toggle_without_a_kernel(built_bo
             page.screenshot(path=str(SCREENSHOTS / "lab2_solution_shown.png"))
             solution.locator("button.toggle-button").click()
             code.wait_for(state="hidden", timeout=10_000)
+        assert not errors, f"{name}: errors {errors}"
         page.close()

@@ -56,11 +56,30 @@ NPM: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {
 }
 # Loaded between require.js and the widget manager: require.js resolves the manager's modules, and so its icon
 # fonts, against its baseUrl (by default the page's own folder); point it at this script's folder instead.
+# The manager typesets a widget's label with MathJax 2 (`MathJax.Hub.Queue`) whenever `window.MathJax` exists; the
+# book loads MathJax 3, which has no `Hub`, so a page with both equations and widgets threw "Cannot read properties
+# of undefined (reading 'Queue')". Every object the page assigns to `window.MathJax` (Sphinx's configuration, then
+# MathJax 3 itself) gets a `Hub.Queue` that hands the element to MathJax 3's `typesetPromise` once it is there.
 WIDGETS_CONFIG_JS = (
     "(function () {\n"
     "  var here = new URL('.', document.currentScript.src).href;\n"
     "  window.__jupyter_widgets_assets_path__ = here + '@jupyter-widgets/html-manager/dist/';\n"
     "  window.require.config({baseUrl: here});\n"
+    "  function queue() {\n"
+    "    var mathjax = window.MathJax;\n"
+    "    Array.prototype.forEach.call(arguments, function (job) {\n"
+    "      if (Array.isArray(job) && job[0] === 'Typeset' && mathjax && mathjax.typesetPromise) {\n"
+    "        mathjax.typesetPromise(job[2] ? [job[2]] : undefined).catch(function (err) { console.warn(err); });\n"
+    "      }\n"
+    "    });\n"
+    "  }\n"
+    "  function withHub(mathjax) {\n"
+    "    if (mathjax && typeof mathjax === 'object' && !mathjax.Hub) { mathjax.Hub = {Queue: queue}; }\n"
+    "    return mathjax;\n"
+    "  }\n"
+    "  var current = withHub(window.MathJax);\n"
+    "  Object.defineProperty(window, 'MathJax', {configurable: true, enumerable: true,\n"
+    "    get: function () { return current; }, set: function (value) { current = withHub(value); }});\n"
     "})();\n"
 )
 NPM_TIMEOUT = 600  # seconds for fetching the pages' JavaScript
@@ -154,9 +173,11 @@ def execute(name: str, parameters: dict[str, Any] | None = None, *, out: Path | 
 
 def assets(vendor: Path = VENDOR) -> Path:
     """Fetch the pages' JavaScript from npm (``npm pack``: the packages' own tarballs, integrity-checked by npm) and
-    keep only the files served. Skipped when already there for these versions."""
+    keep only the files served (skipped when already there for these versions); write the book's own
+    ``widgets-config.js`` beside them."""
     stamp = vendor / ".versions.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == sorted(NPM) + [WIDGETS_CONFIG_JS]:
+    if stamp.exists() and json.loads(stamp.read_text()) == sorted(NPM):
+        (vendor / "widgets-config.js").write_text(WIDGETS_CONFIG_JS)
         return vendor
     npm = shutil.which("npm")
     if npm is None:
@@ -191,7 +212,7 @@ def assets(vendor: Path = VENDOR) -> Path:
                             with tar.extractfile(member) as f:  # type: ignore[union-attr]
                                 target.write_bytes(f.read())
     (vendor / "widgets-config.js").write_text(WIDGETS_CONFIG_JS)
-    stamp.write_text(json.dumps(sorted(NPM) + [WIDGETS_CONFIG_JS]))
+    stamp.write_text(json.dumps(sorted(NPM)))
     return vendor
 
 
