@@ -6,11 +6,14 @@ experiment each, with the paper's number for it where the paper reports one. :me
 up in the result records (the committed ``results/`` and the section's own ``results_dir``), runs the missing ones
 when asked to (``compute_missing``; by default only at the ``smoke`` profile, whose runs take seconds), and returns a
 table with ours, the paper's, the setting each was measured at, and a status that says plainly what is not reproduced.
+A page shows that table through :func:`table_view` (the setting once, in the caption; rows without any number left
+out) and :func:`missing_line` (what is not reproduced, in one line).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from .. import results as store
 from ..config import PROFILES, Experiment, profile
 from . import paper
 
-__all__ = ["NOT_IMPLEMENTED", "NOT_RUN", "REPRODUCED", "Cell", "Outcome", "Section"]
+__all__ = ["NOT_IMPLEMENTED", "NOT_RUN", "REPRODUCED", "Cell", "Outcome", "Section", "missing_line", "show",
+           "table_view"]
 
 REPRODUCED = "reproduced"
 NOT_RUN = "not yet reproduced: not run at this profile"
@@ -332,19 +336,164 @@ def _as_tuple(value: Any) -> tuple:
     return (value,) if isinstance(value, (int, float, str)) else tuple(value)
 
 
-def format_table(df: pd.DataFrame) -> pd.io.formats.style.Styler:
-    """A comparison table for the page: percent with two decimals, empty cells as a dash, status text plain."""
-    numeric = [c for c in df.columns if c.startswith(("ours ", "paper ")) and "measured" not in c]
-    return (df.style.format("{:.2f}", subset=numeric, na_rep="—").hide(axis="index"))
+# -- the page's view of a comparison table ------------------------------------------------------------------------------
+_NUMBERS = {"acc ours": "ours acc", "acc paper": "paper acc", "ASR ours": "ours asr", "ASR paper": "paper asr"}
 
 
-def not_reproduced(df: pd.DataFrame, label_cols: list[str] | None = None) -> list[str]:
-    """The rows of a comparison table that are not reproduced, as short sentences (for a plain list)."""
-    label_cols = label_cols or [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
-    out = []
-    for _, row in df[df["status"] != REPRODUCED].iterrows():
-        out.append(", ".join(f"{c} {row[c]}" for c in label_cols) + f": {row['status']}")
-    return out
+def label_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of a comparison table that describe its rows (attack, defense, swept value...)."""
+    return [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
+
+
+def _has_ours(df: pd.DataFrame) -> pd.Series:
+    return df["ours acc"].notna() | df["ours asr"].notna()
+
+
+def _has_paper(df: pd.DataFrame) -> pd.Series:
+    return df["paper acc"].notna() | df["paper asr"].notna()
+
+
+def _number(value: Any, std: Any = None) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    return f"{value:.2f}" if std is None or pd.isna(std) else f"{value:.2f} ± {std:.2f}"
+
+
+def _words(setting: str) -> str:
+    """``"cpu: cifar10-jpeg, resnet-mini"`` as ``"cpu — cifar10-jpeg, resnet-mini"``."""
+    head, _, rest = setting.partition(": ")
+    return f"{head} — {rest}" if rest else setting
+
+
+def _ours_setting(df: pd.DataFrame, section: Section | None) -> str | None:
+    """The setting ours are said to be measured at: the section's profile, else the most common among the rows."""
+    if section is not None:
+        return section.setting()
+    measured = df.loc[_has_ours(df), "ours: measured at"]
+    return measured.mode().iloc[0] if len(measured) else None
+
+
+def caption(df: pd.DataFrame, *, title: str = "", section: Section | None = None) -> str:
+    """The setting of a comparison table, said once: where ours were measured (the section's profile, or the most
+    common setting among the rows) and where the paper's were."""
+    ours = _ours_setting(df, section)
+    seeds = f", seeds {', '.join(map(str, section.seeds))}" if section is not None else ""
+    parts = [f"{title}." if title else "", "Clean accuracy and ASR in percent.",
+             f"Ours: {_words(ours)}{seeds}." if ours else "Ours: no result yet."]
+    papers = sorted(set(df.loc[_has_paper(df), "paper: measured at"]) - {""})
+    if papers:
+        parts.append("Paper: " + "; ".join(p.removeprefix("paper: ") for p in papers) + ".")
+    else:
+        parts.append("The paper prints no numbers for these cells.")
+    return " ".join(p for p in parts if p)
+
+
+def _note(row: pd.Series, base: str | None) -> str:
+    """What a shown row says beyond its numbers: a setting other than the caption's, seeds that are missing."""
+    notes = []
+    measured = row["ours: measured at"]
+    if measured and measured != base:
+        notes.append(measured.removeprefix(base).lstrip(", ") if base and measured.startswith(base) else measured)
+    if str(row["status"]).startswith("partly"):
+        notes.append(str(row["status"]).removeprefix("partly: "))
+    return "; ".join(notes)
+
+
+def table_view(df: pd.DataFrame, *, title: str = "", section: Section | None = None) -> pd.io.formats.style.Styler:
+    """The comparison table of :meth:`Section.compare` as a page shows it: the row labels, then ours beside the
+    paper's for clean accuracy and for ASR (two decimals, mean ± std where several seeds have records, a dash where
+    a number is missing), with the setting said once in the caption. Rows with no number at all (neither ours nor
+    the paper's) are left out: :func:`missing_line` counts them. A ``note`` column appears only where a row has
+    something to say (a setting other than the caption's, seeds without a record); the paper's columns only where
+    the paper prints a number. ``df`` itself is not changed."""
+    base = _ours_setting(df, section)
+    shown = df[_has_ours(df) | _has_paper(df)]
+    view = shown[label_columns(df)].copy()
+    for name, col in _NUMBERS.items():
+        if col.startswith("paper") and not _has_paper(df).any():
+            continue
+        std = shown[f"{col} std"] if f"{col} std" in shown else pd.Series(np.nan, index=shown.index)
+        view[name] = [_number(v, s) for v, s in zip(shown[col], std)]
+    notes = [_note(row, base) if has else "" for (_, row), has in zip(shown.iterrows(), _has_ours(shown))]
+    if any(notes):
+        view["note"] = notes
+    view = view.reset_index(drop=True)
+    numeric = [c for c in view.columns if c in _NUMBERS]
+    # an id from the content: a rebuilt page's HTML changes only where its table does
+    uuid = "t" + hashlib.sha1((title + view.to_csv()).encode()).hexdigest()[:10]
+    return (view.style.hide(axis="index").set_caption(caption(df, title=title, section=section)).set_uuid(uuid)
+            .set_table_styles([{"selector": "caption", "props": "caption-side: top; text-align: left;"},
+                               {"selector": "th, td", "props": "white-space: nowrap;"}])
+            .set_table_styles({c: [{"selector": "td", "props": "text-align: right;"}] for c in numeric},
+                              overwrite=False))
+
+
+def _describe(rows: pd.DataFrame, cols: list[str]) -> str:
+    """The label values of ``rows`` in few words: ``"attack A, B × clean data 1%, 10%"`` where the rows are every
+    combination of the values, else grouped by the first column (values with the same rest share one entry)."""
+    if not cols:
+        return ""
+    values = {c: list(dict.fromkeys(str(v) for v in rows[c])) for c in cols}
+    if len(rows[cols].astype(str).drop_duplicates()) == int(np.prod([len(v) for v in values.values()])):
+        return " × ".join(f"{c} {', '.join(values[c])}" for c in cols)
+    groups: dict[str, list[str]] = {}
+    for value, sub in rows.groupby(rows[cols[0]].astype(str), sort=False):
+        groups.setdefault(_describe(sub, cols[1:]), []).append(value)
+    return "; ".join(f"{cols[0]} {', '.join(vs)}" + (f" × ({d})" if ";" in d else f" × {d}" if d else "")
+                     for d, vs in groups.items())
+
+
+def _components(reasons: list[str]) -> str:
+    """Reasons of the not-implemented cells, e.g. ``"attack IA"``, ``"attack DFST"``, as ``"attacks IA, DFST"``."""
+    kinds: dict[str, list[str]] = {}
+    other = []
+    for reason in dict.fromkeys(r.removesuffix(" is not implemented") for r in reasons):
+        kind, _, name = reason.partition(" ")
+        if kind in ("attack", "defense", "model") and name and " " not in name:
+            kinds.setdefault(kind, []).append(name)
+        else:
+            other.append(reason)
+    named = [f"{k}{'s' if len(v) > 1 else ''} {', '.join(v)}" for k, v in kinds.items()]
+    return "; ".join(named + other)
+
+
+def missing_line(df: pd.DataFrame, *, profile: str | None = None) -> str:
+    """One line for the cells of a comparison table that have no number of ours, grouped by why (not run at the
+    profile; not implemented, naming the component), each group listing its cells compactly; it says how many of
+    them are left out of :func:`table_view` (no number of the paper's either)."""
+    missing = df[~_has_ours(df)]
+    at = f"at {profile}" if profile else "at this profile"
+    if missing.empty:
+        return f"All {len(df)} cells are reproduced {at}."
+    labels = [c for c in label_columns(df) if df[c].astype(str).nunique() > 1] or label_columns(df)[:1]
+    reason = missing["status"].map(lambda s: NOT_IMPLEMENTED if s.startswith(NOT_IMPLEMENTED) else s)
+    groups = []
+    for status, rows in missing.groupby(reason, sort=False):
+        if status == NOT_RUN:
+            groups.append(f"{len(rows)} not run {at} ({_describe(rows, labels)})")
+        elif status == NOT_IMPLEMENTED:
+            why = [s.removeprefix(NOT_IMPLEMENTED).strip(" ()") for s in rows["status"]]
+            groups.append(f"{len(rows)} not implemented ({_components(why)})")
+        else:
+            groups.append(f"{len(rows)} {status.removeprefix('not yet reproduced: ')} ({_describe(rows, labels)})")
+    line = f"{len(missing)} of {len(df)} cells not yet reproduced: " + "; ".join(groups) + "."
+    hidden = int((~_has_ours(df) & ~_has_paper(df)).sum())
+    if hidden == len(df):
+        line += " No cell has a number of ours or of the paper's, so there is no table."
+    elif hidden:
+        line += f" {hidden} of them, with no number of the paper's either, are left out of the table."
+    return line
+
+
+def show(df: pd.DataFrame, *, title: str = "", section: Section | None = None) -> None:
+    """Display a comparison table on the page: :func:`table_view` (when any row has a number) and the
+    :func:`missing_line` under it."""
+    from IPython.display import Markdown, display
+
+    view = table_view(df, title=title, section=section)
+    if len(view.data):
+        display(view)
+    display(Markdown(missing_line(df, profile=section.profile if section is not None else None)))
 
 
 def sample_images(section: Section, k: int = 4, data_root: str | None = None) -> tuple[torch.Tensor, str]:
@@ -378,7 +527,7 @@ def summary(df: pd.DataFrame, *, what: str) -> str:
                      f"and {d_asr:+.2f} points of ASR from the paper's; ours were measured at {settings}, the "
                      f"paper's on CIFAR-10 with ResNet-18, so absolute accuracy is not comparable.")
     if len(done) < len(df):
-        lines.append(f"{len(df) - len(done)} rows are not yet reproduced (listed above).")
+        lines.append(f"{len(df) - len(done)} rows are not yet reproduced (counted under each table).")
     return " ".join(lines)
 
 
@@ -395,14 +544,6 @@ def timings(directory: str | Path | None = None) -> pd.DataFrame:
                      "defense s": s.get("defense"), "device": p.get("device_name", p.get("device", "")),
                      "record": rec.filename()})
     return pd.DataFrame(rows, columns=["profile", "attack", "defense", "train s", "defense s", "device", "record"])
-
-
-def gaps_markdown(df: pd.DataFrame) -> str:
-    """The rows of a comparison table that are not reproduced, as a Markdown list (or a sentence saying none)."""
-    gaps = not_reproduced(df)
-    if not gaps:
-        return "Every row shown above is reproduced at this profile."
-    return "**Not yet reproduced:**\n\n" + "\n".join(f"- {g}" for g in gaps)
 
 
 def sensitivity_view(grid: pd.DataFrame, baseline: str) -> tuple[str, str, dict[str, float] | None, pd.DataFrame] | None:
