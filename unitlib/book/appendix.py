@@ -189,10 +189,10 @@ def sensitivity(sec: Section, baseline: str) -> list[Cell]:
 
 def figure11(sec: Section) -> list[Cell]:
     name = paper.defense_name("RNP")
-    has = name is not None and "threshold" in defenses.parameters(name)
+    has = name is not None and "pruning_threshold" in defenses.parameters(name)
     why = None if has else "RNP with a pruning threshold is not implemented"
     cells = [Cell({"defense": "UNIT", "threshold": ""}, "Reflection", "UNIT")]
-    cells += [Cell({"defense": "RNP", "threshold": t}, "Reflection", "RNP", defense_params={"threshold": t},
+    cells += [Cell({"defense": "RNP", "threshold": t}, "Reflection", "RNP", defense_params={"pruning_threshold": t},
                    missing=why) for t in sec.sweep([0.05, 0.1, 0.2, 0.4, 0.6])]
     return cells
 
