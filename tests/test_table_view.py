@@ -21,6 +21,13 @@ def _row(attack, defense, ours=(np.nan, np.nan), paper_=(np.nan, np.nan), settin
             "status": status or (report.REPRODUCED if has_ours else report.NOT_RUN)}
 
 
+def _cells(view) -> pd.DataFrame:
+    """The view's data by row (attack, defense) with flat column names: "clean acc ours", "note"..."""
+    data = view.data.copy()
+    data.columns = [" ".join(c).strip() for c in data.columns]
+    return data.set_index(["attack", "defense"])
+
+
 @pytest.fixture
 def table() -> pd.DataFrame:
     return pd.DataFrame([
@@ -38,7 +45,8 @@ def table() -> pd.DataFrame:
 def test_the_setting_is_said_once_in_the_caption(table):
     sec = report.Section(profile="cpu", seeds=(0, 1))
     view = report.table_view(table, title="Table 8", section=sec)
-    assert list(view.data.columns) == ["attack", "defense", "acc ours", "acc paper", "ASR ours", "ASR paper", "note"]
+    assert list(view.data.columns) == [("", "attack"), ("", "defense"), ("clean acc", "ours"), ("clean acc", "paper"),
+                                       ("ASR", "ours"), ("ASR", "paper"), ("", "note")]
     assert view.caption.startswith("Table 8.")
     assert "Ours: cpu — cifar10-jpeg, resnet-mini (width 32), seeds 0, 1." in view.caption
     assert "Paper: CIFAR-10, ResNet-18." in view.caption
@@ -46,32 +54,33 @@ def test_the_setting_is_said_once_in_the_caption(table):
     assert "measured at" not in html and "status" not in html
     assert html.count("CIFAR-10, ResNet-18") == 1 and html.count("resnet-mini") == 1
     # a row measured in another setting says only what differs
-    notes = dict(zip(view.data["attack"] + " " + view.data["defense"], view.data["note"]))
-    assert notes["SIG UNIT"] == "poison rate 0.08" and notes["BadNets UNIT"] == ""
+    notes = _cells(view)["note"]
+    assert notes["SIG", "UNIT"] == "poison rate 0.08" and notes["BadNets", "UNIT"] == ""
     # without a section, the caption takes the setting most rows of ours were measured at
     assert "Ours: cpu — cifar10-jpeg, resnet-mini (width 32)." in report.table_view(table).caption
 
 
 def test_numbers_keep_two_decimals_and_a_dash_where_missing(table):
-    data = report.table_view(table).data.set_index(["attack", "defense"])
-    assert data.loc[("BadNets", "No Defense"), "acc ours"] == "83.46"
+    data = _cells(report.table_view(table))
+    assert data.loc[("BadNets", "No Defense"), "clean acc ours"] == "83.46"
     assert data.loc[("BadNets", "No Defense"), "ASR ours"] == "100.00"
     assert data.loc[("BadNets", "UNIT"), "ASR ours"] == "2.17"
     assert data.loc[("BadNets", "UNIT"), "ASR paper"] == "0.78"
-    assert data.loc[("Blend", "UNIT"), "acc ours"] == "—" and data.loc[("Blend", "UNIT"), "acc paper"] == "92.30"
+    assert data.loc[("Blend", "UNIT"), "clean acc ours"] == "—"
+    assert data.loc[("Blend", "UNIT"), "clean acc paper"] == "92.30"
     assert "83.46" in report.table_view(table).to_html()
     # several seeds: mean ± std, both to two decimals
     seeds = table.assign(**{"ours acc std": 0.5, "ours asr std": np.nan})
-    data = report.table_view(seeds).data.set_index(["attack", "defense"])
-    assert data.loc[("BadNets", "UNIT"), "acc ours"] == "82.68 ± 0.50"
+    data = _cells(report.table_view(seeds))
+    assert data.loc[("BadNets", "UNIT"), "clean acc ours"] == "82.68 ± 0.50"
     assert data.loc[("BadNets", "UNIT"), "ASR ours"] == "2.17"
 
 
 def test_rows_without_any_number_are_left_out_and_counted_in_one_line(table):
     before = table.copy()
     view = report.table_view(table)
-    shown = set(view.data["attack"] + " " + view.data["defense"])
-    assert shown == {"BadNets No Defense", "BadNets UNIT", "SIG UNIT", "Blend UNIT", "IA UNIT"}
+    assert set(_cells(view).index) == {("BadNets", "No Defense"), ("BadNets", "UNIT"), ("SIG", "UNIT"),
+                                       ("Blend", "UNIT"), ("IA", "UNIT")}
     pd.testing.assert_frame_equal(table, before)  # the data itself is not changed
     line = report.missing_line(table, profile="cpu")
     assert "\n" not in line
@@ -84,20 +93,19 @@ def test_rows_without_any_number_are_left_out_and_counted_in_one_line(table):
 def test_a_table_without_the_papers_numbers_or_any_number(table):
     ours_only = table.assign(**{"paper acc": np.nan, "paper asr": np.nan, "paper: measured at": ""})
     view = report.table_view(ours_only)
-    assert "acc paper" not in view.data.columns and "The paper prints no numbers" in view.caption
+    assert "clean acc paper" not in _cells(view).columns and "The paper prints no numbers" in view.caption
     assert len(view.data) == 3
     nothing = table[table["ours acc"].isna() & table["paper acc"].isna()]
     assert report.table_view(nothing).data.empty
     assert report.missing_line(nothing).endswith("so there is no table.")
     done = table[table.status == report.REPRODUCED]
     assert report.missing_line(done, profile="cpu") == "All 3 cells are reproduced at cpu."
-    assert "note" not in report.table_view(done.iloc[:2]).data.columns  # no column when no row has a note
+    assert "note" not in _cells(report.table_view(done.iloc[:2])).columns  # no column when no row has a note
 
 
 def test_partly_reproduced_rows_say_so_in_the_note(table):
     table.loc[1, "status"] = "partly: 2 of 3 seeds"
-    data = report.table_view(table).data.set_index(["attack", "defense"])
-    assert data.loc[("BadNets", "UNIT"), "note"] == "2 of 3 seeds"
+    assert _cells(report.table_view(table)).loc[("BadNets", "UNIT"), "note"] == "2 of 3 seeds"
 
 
 def test_the_missing_cells_are_described_compactly():

@@ -337,7 +337,9 @@ def _as_tuple(value: Any) -> tuple:
 
 
 # -- the page's view of a comparison table ------------------------------------------------------------------------------
-_NUMBERS = {"acc ours": "ours acc", "acc paper": "paper acc", "ASR ours": "ours asr", "ASR paper": "paper asr"}
+# the view's number columns (two header rows: the metric over ours and the paper's) and where they come from
+_NUMBERS = {("clean acc", "ours"): "ours acc", ("clean acc", "paper"): "paper acc", ("ASR", "ours"): "ours asr",
+            ("ASR", "paper"): "paper asr"}
 
 
 def label_columns(df: pd.DataFrame) -> list[str]:
@@ -401,31 +403,34 @@ def _note(row: pd.Series, base: str | None) -> str:
 
 def table_view(df: pd.DataFrame, *, title: str = "", section: Section | None = None) -> pd.io.formats.style.Styler:
     """The comparison table of :meth:`Section.compare` as a page shows it: the row labels, then ours beside the
-    paper's for clean accuracy and for ASR (two decimals, mean ± std where several seeds have records, a dash where
+    paper's under clean accuracy and under ASR (two header rows; two decimals, mean ± std where several seeds have records, a dash where
     a number is missing), with the setting said once in the caption. Rows with no number at all (neither ours nor
     the paper's) are left out: :func:`missing_line` counts them. A ``note`` column appears only where a row has
     something to say (a setting other than the caption's, seeds without a record); the paper's columns only where
     the paper prints a number. ``df`` itself is not changed."""
     base = _ours_setting(df, section)
     shown = df[_has_ours(df) | _has_paper(df)]
-    view = shown[label_columns(df)].copy()
+    columns: dict[tuple[str, str], list[Any]] = {("", c): list(shown[c]) for c in label_columns(df)}
     for name, col in _NUMBERS.items():
         if col.startswith("paper") and not _has_paper(df).any():
             continue
         std = shown[f"{col} std"] if f"{col} std" in shown else pd.Series(np.nan, index=shown.index)
-        view[name] = [_number(v, s) for v, s in zip(shown[col], std)]
+        columns[name] = [_number(v, s) for v, s in zip(shown[col], std)]
     notes = [_note(row, base) if has else "" for (_, row), has in zip(shown.iterrows(), _has_ours(shown))]
     if any(notes):
-        view["note"] = notes
-    view = view.reset_index(drop=True)
+        columns[("", "note")] = notes
+    view = pd.DataFrame(columns, columns=pd.MultiIndex.from_tuples(list(columns)))
     numeric = [c for c in view.columns if c in _NUMBERS]
     # an id from the content: a rebuilt page's HTML changes only where its table does
     uuid = "t" + hashlib.sha1((title + view.to_csv()).encode()).hexdigest()[:10]
+    # numbers never wrap and line up on the right; labels and notes wrap, so the table fits the page's column
+    spaced = {c: [{"selector": "", "props": "padding-left: 0.6em;"}] for c in view.columns if c == ("", "note")}
+    spaced |= {c: [{"selector": "", "props": "text-align: right; white-space: nowrap; padding-left: 0.6em;"}]
+               for c in numeric}
     return (view.style.hide(axis="index").set_caption(caption(df, title=title, section=section)).set_uuid(uuid)
             .set_table_styles([{"selector": "caption", "props": "caption-side: top; text-align: left;"},
-                               {"selector": "th, td", "props": "white-space: nowrap;"}])
-            .set_table_styles({c: [{"selector": "td", "props": "text-align: right;"}] for c in numeric},
-                              overwrite=False))
+                               {"selector": "th.level0", "props": "text-align: center;"}])
+            .set_table_styles(spaced, overwrite=False))
 
 
 def _describe(rows: pd.DataFrame, cols: list[str]) -> str:
