@@ -336,7 +336,7 @@ def _as_tuple(value: Any) -> tuple:
     return (value,) if isinstance(value, (int, float, str)) else tuple(value)
 
 
-# -- the page's view of a comparison table ------------------------------------------------------------------------------
+# -- the page's view of a comparison table -----------------------------------------------------------------------------
 # the view's number columns (two header rows: the metric over ours and the paper's) and where they come from
 _NUMBERS = {("clean acc", "ours"): "ours acc", ("clean acc", "paper"): "paper acc", ("ASR", "ours"): "ours asr",
             ("ASR", "paper"): "paper asr"}
@@ -403,11 +403,11 @@ def _note(row: pd.Series, base: str | None) -> str:
 
 def table_view(df: pd.DataFrame, *, title: str = "", section: Section | None = None) -> pd.io.formats.style.Styler:
     """The comparison table of :meth:`Section.compare` as a page shows it: the row labels, then ours beside the
-    paper's under clean accuracy and under ASR (two header rows; two decimals, mean ± std where several seeds have records, a dash where
-    a number is missing), with the setting said once in the caption. Rows with no number at all (neither ours nor
-    the paper's) are left out: :func:`missing_line` counts them. A ``note`` column appears only where a row has
-    something to say (a setting other than the caption's, seeds without a record); the paper's columns only where
-    the paper prints a number. ``df`` itself is not changed."""
+    paper's under clean accuracy and under ASR (two header rows; two decimals, mean ± std where several seeds have
+    records, a dash where a number is missing), with the setting said once in the caption. Rows with no number at
+    all (neither ours nor the paper's) are left out: :func:`missing_line` counts them. A ``note`` column appears
+    only where a row has something to say (a setting other than the caption's, seeds without a record); the paper's
+    columns only where the paper prints a number. ``df`` itself is not changed."""
     base = _ours_setting(df, section)
     shown = df[_has_ours(df) | _has_paper(df)]
     columns: dict[tuple[str, str], list[Any]] = {("", c): list(shown[c]) for c in label_columns(df)}
