@@ -60,8 +60,7 @@ class Refool(Attack):
     process (a random reflection per test image). The UNIT authors' companion code poisons 8% of the training set
     for Reflection (pass ``poison_rate``), with a single fixed reflection photo blended in focus, weighted by the
     two images' mean brightness; ``reflections=("coffee",), crops=1, kinds=("in-focus",), alpha_range=(0.5, 0.5)``
-    comes close. At the ``cpu`` profile that variant reaches 99.41% ASR, the default pool 22.40% (records in
-    ``results/``)."""
+    comes close. Whether a pool plants a backdoor at a profile is measured in the records (``results/``)."""
 
     name = "refool"
     clean_label = True

@@ -293,11 +293,10 @@ class UNIT(Defense):
       report says so (``stop_reason``: ``step_cap``) and how far above the threshold the kept bounds were.
     - ``init_std``: bounds start at mean + init_std * std of clean activations.
     - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser (start,
-      checks before a change, factors; the official code: 1e-3, 5, 2, 2^1.5). With steps in ``std`` units a
-      patience of 1 doubles alpha every step: the regulariser then outruns the cross-entropy after ~12 steps and
-      every bound falls at the full step, past the budget, before the cross-entropy can say which bounds carry
-      clean accuracy (the ``cpu`` WaNet record: ASR 36.78% kept at step 14; with patience 5, 3.5% on the same
-      model, at the same regulariser).
+      checks before a change, factors; the official code: 1e-3, 5, 2, 2^1.5). Alpha grows by ``alpha_up`` every
+      ``patience`` steps within the budget: a patience of 1 lets the regulariser outrun the cross-entropy within a
+      dozen steps, and every bound then falls at the full step, past the budget, before the cross-entropy can say
+      which bounds carry clean accuracy (the README's measured section compares the two).
     - ``granularity``: one bound per activation ``element`` (official code) or per ``channel``.
     - ``mode``: ``clip`` to the bound or ``reject`` (zero) values above it (Table 10). Rejection removes more than
       clipping at the same bound, so it needs a looser start (``init_std``) to meet the budget at step 0.
