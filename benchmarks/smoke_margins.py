@@ -2,6 +2,8 @@
 several seeds, with one and two intra-op threads, against the bars ``tests/test_defenses.py`` checks (ASR after
 <= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5). Float rounding differs between thread counts and CPUs as it
 does between seeds, so a budget that passes on every seed and thread count here has a margin the tests can rely on.
+A planted model that misses the test's own bars for a backdoored model (ASR >= 0.9, clean accuracy >= 0.8) carries no
+backdoor to remove: its rows are kept, marked ``backdoored: false``, and left out of the summary.
 
     python benchmarks/smoke_margins.py [--seeds 0 1 2 3] [--threads 1 2] [--defenses ft seam]
 """
@@ -37,9 +39,14 @@ def planted(seed: int) -> dict:
     return {"model": model.eval(), "clean": clean, "ds": ds, "attack": attack, "before": before}
 
 
+def backdoored(before: dict) -> bool:
+    """The bars tests/test_defenses.py's planted model must meet before any defense runs."""
+    return before["asr"] >= 0.9 and before["clean_acc"] >= 0.8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--defenses", nargs="+", default=sorted(SMOKE_PARAMS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "smoke-margins.json"))
@@ -55,18 +62,22 @@ def main() -> None:
                 after = metrics.evaluate(defended, p["ds"].x_test, p["ds"].y_test, p["attack"])
                 row = {"defense": name, "seed": seed, "threads": threads, "before": p["before"], "after": after,
                        "seconds": round(time.perf_counter() - start, 1)}
+                row["backdoored"] = backdoored(p["before"])
                 row["passes"] = (after["asr"] <= 0.4 and p["before"]["asr"] - after["asr"] >= 0.5
                                  and after["clean_acc"] >= 0.5)
                 rows.append(row)
+                verdict = ("ok" if row["passes"] else "FAIL") if row["backdoored"] else "no backdoor, left out"
                 print(f"{name:6s} seed {seed} threads {threads}: before asr {p['before']['asr']:.3f}  after "
-                      f"acc {after['clean_acc']:.3f} asr {after['asr']:.3f}  {'ok' if row['passes'] else 'FAIL'}",
-                      flush=True)
+                      f"acc {after['clean_acc']:.3f} asr {after['asr']:.3f}  {verdict}", flush=True)
     summary = {}
     for name in args.defenses:
-        mine = [r for r in rows if r["defense"] == name]
+        mine = [r for r in rows if r["defense"] == name and r["backdoored"]]
         summary[name] = {"passes": sum(r["passes"] for r in mine), "runs": len(mine),
+                         "left_out": sorted({(r["seed"], r["threads"]) for r in rows
+                                             if r["defense"] == name and not r["backdoored"]}),
                          "max_asr_after": max(r["after"]["asr"] for r in mine),
                          "min_acc_after": min(r["after"]["clean_acc"] for r in mine),
+                         "max_seconds": max(r["seconds"] for r in mine),
                          "params": SMOKE_PARAMS[name]}
     out = {"rows": rows, "summary": summary, "provenance": results.provenance(torch.device("cpu"))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

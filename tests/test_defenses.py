@@ -44,9 +44,10 @@ def _tripwire(*args, **kwargs):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread, so the planted model and the defenses' smoke runs are the same on every machine: their
-    smoke budgets are small, and with two threads' float rounding FT, NAD and SEAM were seen to leave ASR at 0.6-0.98
-    on this planted model (a thin margin, stated here rather than hidden)."""
+    """One intra-op thread, so the planted model and the defenses' smoke runs are the same on every machine. The
+    budgets must pass with two threads as well (unitlib.defenses states each one's margin over seeds and thread
+    counts): with two threads, I-BAU left ASR 0.52 on this planted model (a thin margin, stated here rather than
+    hidden)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

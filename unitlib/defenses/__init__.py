@@ -21,28 +21,31 @@ from .unit import UNIT, BoundedModel
 
 # Budgets that take seconds on the `smoke` profile's synthetic data and tiny CNN and still remove its planted
 # BadNets backdoor (tests/test_defenses.py checks that they do). The defaults are the papers' and take minutes to
-# hours there: a smoke run of a baseline should use these. Measured on planted models of seeds
-# 0-5 (one thread; a new CPU's float rounding changes a model as a new seed does; benchmarks/smoke_margins.py), the
-# bars of tests/test_defenses.py (ASR after <= 0.4, lowered by >= 0.5, clean accuracy >= 0.5) hold on every seed
-# with these margins: FP ASR <= 0.24 (accuracy >= 0.51, a thin margin), FT ASR <= 0.20 (8 epochs; 4 left 0.60-0.64
-# on two seeds); on seeds 0-2, ANP ASR <= 0.15, I-BAU ASR <= 0.05, NC ASR <= 0.18. NAD held on 5 of 6 seeds (0.43 on seed 1)
-# and SEAM on 4 of 6 (0.99-1.00 on seeds 1 and 3) under every smoke budget tried (more teacher epochs, a larger
-# beta or lr for NAD; larger forget sets, higher forget lr, shorter recovery for SEAM): their tests use seed 0,
-# where both pass. The five of A.2, measured on seeds 0-4 with one and two threads (seed 5's planted model carries no
-# backdoor at this code version, ASR 0.03 before any defense): FST ASR <= 0.10 (accuracy >= 0.90), RNP ASR 0.00
-# (accuracy >= 0.77), FT-SAM ASR <= 0.11 (accuracy >= 0.79; at lr 0.03 it left ASR 0.60 and 0.75 on two runs),
-# Super-FT ASR <= 0.02 (accuracy >= 0.93; without momentum, peaks of 0.5-1.0 either left the backdoor on one seed or
-# cost half the accuracy on another). CLP needs no budget and reads no data; it does not remove the smoke backdoor
-# (ASR stays 1.00: the backdoor's channels are not outliers of their layers at u = 3) and is checked for a working
-# model only (accuracy 0.90-0.99).
+# hours there: a smoke run of a baseline should use these. Margins measured with benchmarks/smoke_margins.py on the
+# planted models of seeds 0-7 with one and two intra-op threads (a new CPU's or thread count's float rounding
+# changes a model as a new seed does; seeds 5 and 7 plant no backdoor, ASR 0.03-0.05 before any defense, and are
+# left out as the tests' fixture would refuse them: 12 runs), against the tests' bars (ASR after <= 0.4, lowered by
+# >= 0.5, clean accuracy >= 0.5); worst case of the 12 runs:
+# - NAD: ASR <= 0.03, accuracy >= 0.79 (at batch 64 with 3 teacher epochs, ASR 0.44 on one run).
+# - SEAM: ASR <= 0.10, accuracy >= 0.79 (batch 16, 8 recovery epochs). At batch 128 a forgetting step over the 50
+#   images is one SGD step, the accuracy check ends forgetting after a few, and 9 of 12 runs failed: the backdoor
+#   came back in recovery on 7 (ASR 0.58-1.00), 4 recovery epochs left accuracy at 0.32 and 0.49 on 2.
+# - Not yet seed- and thread-robust: FT ASR up to 0.71 (2 of 12 runs fail), FP 0.92 (3 of 12), ANP 0.56 (1 of 12),
+#   FST 0.52 (1 of 12), I-BAU 0.52 (2 of 12, one of them the tests' own seed-0 model with two threads).
+# - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
+#   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
+#   momentum, peaks of 0.5-1.0 either left the backdoor on one seed or cost half the accuracy on another).
+# - CLP needs no budget and reads no data; it does not remove the smoke backdoor (ASR stays 1.00: the backdoor's
+#   channels are not outliers of their layers at u = 3) and is checked for a working model only (accuracy >= 0.89).
 SMOKE_PARAMS: dict[str, dict[str, object]] = {
     "ft": {"epochs": 8, "lr": 0.1, "lr_step": 0},
     "fp": {"ratio": 0.8, "epochs": 3, "lr": 0.05},
-    "nad": {"epochs": 5, "teacher_epochs": 3, "teacher_lr": 0.1, "lr": 0.005},
+    "nad": {"epochs": 5, "teacher_epochs": 5, "teacher_lr": 0.1, "lr": 0.005, "batch_size": 32},
     "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3},
     "anp": {"iterations": 100, "batch_size": 32, "alpha": 0.05, "threshold": 0.6},
     "i-bau": {"rounds": 2, "lr": 3e-3},
-    "seam": {"forget_lr": 0.05, "forget_acc": 0.12, "recover_epochs": 4, "recover_lr": 0.05, "recover_lr_step": 0},
+    "seam": {"forget_lr": 0.05, "forget_acc": 0.12, "recover_epochs": 8, "recover_lr": 0.05, "recover_lr_step": 0,
+             "batch_size": 16},
     "clp": {},
     "fst": {"epochs": 10, "lr": 0.05},
     "rnp": {"unlearn_epochs": 5, "mask_epochs": 5},
