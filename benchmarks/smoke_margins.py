@@ -1,7 +1,8 @@
 """The margins of the baselines' `smoke` budgets: each baseline (with ``SMOKE_PARAMS``) on planted smoke backdoors of
 several seeds, with one and two intra-op threads, against the bars ``tests/test_defenses.py`` checks (ASR after
-<= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5). Float rounding differs between thread counts and CPUs as it
-does between seeds, so a budget that passes on every seed and thread count here has a margin the tests can rely on.
+<= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5; CLP, which is not expected to remove this backdoor: clean
+accuracy >= 0.8). Float rounding differs between thread counts and CPUs as it does between seeds, so a budget that
+passes on every seed and thread count here has a margin the tests can rely on.
 A planted model that misses the test's own bars for a backdoored model (ASR >= 0.9, clean accuracy >= 0.8) carries no
 backdoor to remove: its rows are kept, marked ``backdoored: false``, and left out of the summary.
 
@@ -39,6 +40,10 @@ def planted(seed: int) -> dict:
     return {"model": model.eval(), "clean": clean, "ds": ds, "attack": attack, "before": before}
 
 
+# CLP reads no data and does not remove the smoke backdoor: its test checks for a working model only.
+WORKING_MODEL_ONLY = {"clp"}
+
+
 def backdoored(before: dict) -> bool:
     """The bars tests/test_defenses.py's planted model must meet before any defense runs."""
     return before["asr"] >= 0.9 and before["clean_acc"] >= 0.8
@@ -63,8 +68,11 @@ def main() -> None:
                 row = {"defense": name, "seed": seed, "threads": threads, "before": p["before"], "after": after,
                        "seconds": round(time.perf_counter() - start, 1)}
                 row["backdoored"] = backdoored(p["before"])
-                row["passes"] = (after["asr"] <= 0.4 and p["before"]["asr"] - after["asr"] >= 0.5
-                                 and after["clean_acc"] >= 0.5)
+                if name in WORKING_MODEL_ONLY:
+                    row["passes"] = after["clean_acc"] >= 0.8
+                else:
+                    row["passes"] = (after["asr"] <= 0.4 and p["before"]["asr"] - after["asr"] >= 0.5
+                                     and after["clean_acc"] >= 0.5)
                 rows.append(row)
                 verdict = ("ok" if row["passes"] else "FAIL") if row["backdoored"] else "no backdoor, left out"
                 print(f"{name:6s} seed {seed} threads {threads}: before asr {p['before']['asr']:.3f}  after "
