@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="a parameter of the section(s), e.g. -p profile smoke -p attacks \"['badnets']\"")
         p.add_argument("--timeout", type=int, default=build.DEFAULT_TIMEOUT, help="seconds per cell")
+    b.add_argument("--jobs", type=int, default=None,
+                   help="notebooks executed side by side, one thread each (default: one per CPU core)")
     s.add_argument("--no-html", action="store_true", help="only execute the notebook")
     sub.add_parser("assets", help="fetch the offline JavaScript into build/static/vendor")
     sub.add_parser("html", help="render the already executed notebooks")
@@ -71,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.command == "build":
-            build.build(params, timeout=args.timeout)
+            if args.jobs is not None and args.jobs < 1:
+                print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+                return 2
+            build.build(params, timeout=args.timeout, jobs=args.jobs)
         else:
             out = build.execute(args.name, params, timeout=args.timeout)
             print(f"executed notebook: {out}")
