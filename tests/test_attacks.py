@@ -2,12 +2,16 @@ import pytest
 import torch
 
 from unitlib import attacks
+from unitlib.attacks.joint import train_with_model
 
-# Tiny budgets for the attacks that learn their trigger from a model (seconds on a CPU).
+# Tiny budgets for the attacks that learn their trigger from a model (seconds on a CPU); IA and Dynamic train their
+# generator with a tiny model for one epoch (make() below).
 TINY = {
     "trojan": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=20, candidates=4),
     "cl": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=3),
     "narcissus": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=20),
+    "ia": dict(generator_width=2, mask_epochs=1, mask_size=None),
+    "dynamic": dict(),
 }
 
 
@@ -22,7 +26,10 @@ def make(name, x=None, y=None, **params):
     if atk.needs_prepare:
         if x is None:
             x, y = _data()
-        atk.prepare(x, y)
+        if getattr(atk, "trains_with_model", False):
+            train_with_model(atk, x, y, epochs=1, width=4, batch_size=64)
+        else:
+            atk.prepare(x, y)
     return atk
 
 
@@ -99,8 +106,8 @@ def test_blend_is_a_convex_combination():
 
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="unknown attack 'wanet2'; valid choices: activation-suppression, adap-blend, "
-                                         "badnets, blend, cl, instagram, label-specific, narcissus, refool, sig, "
-                                         "trigger-specific, trojan, wanet"):
+                                         "badnets, blend, cl, dynamic, ia, instagram, label-specific, narcissus, "
+                                         "refool, sig, trigger-specific, trojan, wanet"):
         attacks.get("wanet2")
     with pytest.raises(ValueError, match="poison_rate must be in \\[0, 1\\], got 1.5"):
         attacks.get("badnets", poison_rate=1.5)

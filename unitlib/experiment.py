@@ -38,14 +38,21 @@ def build_model(exp: Experiment, dataset: data.Dataset) -> nn.Module:
 
 def backdoored_model(
     exp: Experiment, dataset: data.Dataset, poisoned_x: torch.Tensor, poisoned_y: torch.Tensor, *,
-    device: torch.device, progress: bool = True, compile: str = "off",
+    device: torch.device, progress: bool = True, compile: str = "off", attack: Attack | None = None,
 ) -> tuple[nn.Module, dict[str, str] | None]:
     """The backdoored model of ``exp``: loaded from the cache when present, else trained (resumably) and cached
     (``compile``: one of :data:`COMPILE_MODES`, how the training steps run). Returns the model and, when it came
-    from the cache, the metadata saved with it (else ``None``)."""
+    from the cache, the metadata saved with it (else ``None``).
+
+    An ``attack`` that trains with the model (IA, Dynamic: ``trains_with_model``) gets the clean training set as
+    ``poisoned_x``/``poisoned_y`` and poisons every batch itself through the loop's hook; its trained generator is
+    cached beside the model (keyed by the model's key and the data) and loaded with it, and a cached model without
+    its generator is trained again."""
     path = results.model_path(exp, dataset.digest)
     model = build_model(exp, dataset)
-    if path.exists():
+    joint = attack if getattr(attack, "trains_with_model", False) else None
+    context = {"model_key": exp.model_key(), "data": dataset.digest}
+    if path.exists() and (joint is None or joint.load_trained(context)):
         try:
             return results.load_model(model, path).to(device).eval(), results.model_metadata(path)
         except Exception as err:  # a truncated or foreign file: set it aside and train again
@@ -56,7 +63,10 @@ def backdoored_model(
     start = time.perf_counter()
     fit(model, poisoned_x, poisoned_y, exp.recipe(), device=device, seed=exp.seed, checkpoint=checkpoint,
         regulariser=getattr(exp.make_attack(), "training_regulariser", None),
+        hook=joint.hook(poisoned_y) if joint is not None else None,
         progress=progress, compile=_compile_arg(compile))
+    if joint is not None:
+        joint.save_trained(context)
     # How the cached model was made travels with it, so records that reuse it can say so.
     results.save_model(model, path, metadata={
         "model_key": exp.model_key(), "config": json.dumps(exp.to_dict()),
@@ -137,12 +147,21 @@ def setup(
         raise ValueError(f"target {exp.target} is not a class of {exp.dataset} (0..{dataset.num_classes - 1})")
     with _timer(seconds, "poison"):
         x_train = data.to_float(dataset.x_train)
-        # Trojan, CL and NARCISSUS learn their trigger from a clean or surrogate model first (cached); others no-op.
+        # Trojan, CL and NARCISSUS learn their trigger from a clean or surrogate model first (cached); IA pre-trains
+        # its mask generator; others no-op.
         attack.prepare(x_train, dataset.y_train, device=dev, progress=progress)
-        poisoned = attack.poison(x_train, dataset.y_train)
+        joint = getattr(attack, "trains_with_model", False)
+        # An attack that trains its generator with the model poisons each batch during training (backdoored_model).
+        poisoned = Poisoned(x_train, dataset.y_train, torch.empty(0, dtype=torch.long)) if joint else \
+            attack.poison(x_train, dataset.y_train)
     with _timer(seconds, "train"):
         model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress,
-                                              compile=compile)
+                                              compile=compile, attack=attack)
+    if joint:
+        # the training set as the trained generator poisons it: which samples the attacker touched, for the split
+        start = time.perf_counter()
+        poisoned = attack.poison(x_train, dataset.y_train)
+        seconds["poison"] = round(seconds["poison"] + time.perf_counter() - start, 3)
     log(f"backdoored model {'loaded from cache' if cached_meta is not None else 'trained'} in {seconds['train']:.1f}s")
     opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
     clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -138,20 +139,49 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, gen: torch.Generator) -> None:
+class BatchHook(Protocol):
+    """What :func:`fit` calls for an attack that trains with the model (a trigger generator trained together with
+    the classifier, as in IA and Dynamic). The loop stays the one loop; the hook only rewrites each batch.
+
+    - ``begin(x, y, device, total_steps)``: once, before the first step, with the training set on ``device``.
+    - ``batch(x, y, index, step)``: every step, inside the loop's autocast, with the augmented batch and the
+      training-set indices of its samples; returns the batch to train on, its labels, and an extra loss term (or
+      None) added to the cross-entropy. Gradients of the summed loss reach whatever the hook's tensors depend on.
+    - ``after_step(step)``: after the classifier's optimiser step (the hook steps its own optimiser here).
+    - ``state_dict()`` / ``load_state_dict(tensors)``: the hook's tensors, saved in and restored from the loop's
+      per-epoch checkpoint, so that an interrupted run resumes the generator with the classifier."""
+
+    def begin(self, x: torch.Tensor, y: torch.Tensor, device: torch.device, total_steps: int) -> None: ...
+
+    def batch(
+        self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+    def after_step(self, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, gen: torch.Generator,
+                     hook: BatchHook | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
     tensors["rng"] = gen.get_state()
+    if hook is not None:
+        tensors.update({f"hook.{k}": v.detach().cpu().contiguous() for k, v in hook.state_dict().items()})
     # a name of this process's own: two processes checkpointing one model never write to the same file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                     hook: BatchHook | None = None) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -163,6 +193,8 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, g
         if f"momentum.{i}" in tensors:
             opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(p.device)
     gen.set_state(tensors["rng"])
+    if hook is not None:
+        hook.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("hook.")})
     return epoch
 
 
@@ -180,11 +212,13 @@ def fit(
     compile: bool | str = False,
     on_epoch: Callable[[int], None] | None = None,
     regulariser: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    hook: BatchHook | None = None,
 ) -> nn.Module:
     """Train ``model`` on images ``x`` (float in [0, 1] or uint8, N x C x H x W) with labels ``y``.
 
     ``regulariser(model, xb, yb)``, when given, is added to every batch's loss (an adaptive attacker's term, e.g.
-    activation suppression).
+    activation suppression). ``hook``, when given, rewrites every batch and trains alongside the model (see
+    :class:`BatchHook`: an attack that trains its trigger generator with the classifier).
 
     With ``checkpoint``, the state after every epoch is saved there and an interrupted run resumes from it.
     ``compile`` runs the training steps through ``torch.compile`` (``True``, or a mode such as ``"reduce-overhead"``);
@@ -208,10 +242,15 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     start = 0
+    n = len(x)
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    if hook is not None:
+        hook.begin(x, y, dev, total)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
         try:
-            start = _load_checkpoint(ckpt, model, opt, gen)
+            start = _load_checkpoint(ckpt, model, opt, gen, hook)
         except Exception as err:  # truncated or from another model: start afresh
             moved = ckpt.with_name(f"{ckpt.name}.corrupt-{os.getpid()}")
             os.replace(ckpt, moved)
@@ -222,16 +261,15 @@ def fit(
             gen.manual_seed(seed)
             model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
             opt.state.clear()
-    n = len(x)
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
-    total = recipe.epochs * steps_per_epoch
+            if hook is not None:
+                hook.begin(x, y, dev, total)
     bar = tqdm(total=total, initial=start * steps_per_epoch, desc="train", unit="step", disable=not progress)
     net: nn.Module = model
     if compile:
         net = torch.compile(model, mode=None if compile is True else compile, dynamic=False)  # type: ignore[assignment]
     with _cudnn_benchmark(dev.type == "cuda"):
         _epochs(model, net, x, y, recipe, opt, gen, start, steps_per_epoch, total, dev, ckpt, bar, channels_last,
-                on_epoch, regulariser)
+                on_epoch, regulariser, hook)
     bar.close()
     return model.eval()
 
@@ -275,6 +313,7 @@ def _epochs(
     gen: torch.Generator, start: int, steps_per_epoch: int, total: int, dev: torch.device, ckpt: Path | None,
     bar: tqdm, channels_last: bool, on_epoch: Callable[[int], None] | None,
     regulariser: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    hook: BatchHook | None = None,
 ) -> None:
     n = len(x)
     for epoch in range(start, recipe.epochs):
@@ -296,16 +335,23 @@ def _epochs(
                 g["lr"] = recipe.lr_at(step / total)
             sl = slice(i * bs, (i + 1) * bs)
             xb, yb = xe[sl], ye[sl]
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(dev):
+                extra = None
+                if hook is not None:
+                    xb, yb, extra = hook.batch(xb, yb, perm[sl], step)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 out = net(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=recipe.label_smoothing)
                 if regulariser is not None:
                     loss = loss + regulariser(net, xb, yb)
+                if extra is not None:
+                    loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if hook is not None:
+                hook.after_step(step)
             seen += len(yb)
             loss_sum += loss.detach().float() * len(yb)
             correct += (out.argmax(1) == yb).sum()
@@ -318,9 +364,9 @@ def _epochs(
             raise FloatingPointError(f"training loss is not finite in epoch {epoch + 1} (lr {recipe.lr}): lower the "
                                      "learning rate; nothing was saved from this run")
         if ckpt is not None:
-            _save_checkpoint(ckpt, model, opt, epoch + 1, gen)
+            _save_checkpoint(ckpt, model, opt, epoch + 1, gen, hook)
         if on_epoch is not None:
             on_epoch(epoch + 1)
 
 
-__all__ = ["DEVICES", "Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]
+__all__ = ["DEVICES", "BatchHook", "Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]

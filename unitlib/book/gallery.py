@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 from .. import attacks, data
+from ..attacks.joint import train_with_model
 
-# Small, fixed budget for the attacks that learn their trigger from a model (Trojan, CL, NARCISSUS): the gallery
-# shows what the trigger looks like, not how strong it is. Cached, so only the first call trains.
+# Small, fixed budget for the attacks that learn their trigger from a model (Trojan, CL, NARCISSUS; IA and Dynamic
+# train their generator with a small model for as many epochs): the gallery shows what the trigger looks like, not
+# how strong it is. Cached, so only the first call trains.
 GALLERY_BUDGET = {"surrogate_epochs": 2, "surrogate_size": None}
 
 
@@ -55,12 +57,16 @@ def trigger_gallery(
     panels: dict[str, dict[str, torch.Tensor]] = {}
     for i, name in enumerate(names):
         cls = attacks.attack_class(name)
-        extra = {**(budget if cls.needs_prepare else {}), **params.get(name, {})}
+        joint = getattr(cls, "trains_with_model", False)
+        extra = {**(budget if cls.needs_prepare and not joint else {}), **params.get(name, {})}
         atk = attacks.get(name, target=target, seed=seed, **extra)
         if atk.needs_prepare:
             if prepare_data is None:
                 prepare_data = _default_prepare_data()
-            atk.prepare(*prepare_data, progress=False)
+            if joint:  # IA, Dynamic: the generator trains with a small model (cached)
+                train_with_model(atk, *prepare_data, epochs=budget.get("surrogate_epochs", 2))
+            else:
+                atk.prepare(*prepare_data, progress=False)
         clean = images[i % len(images)][None]
         poisoned = atk.apply_train(clean).clamp(0, 1).detach()  # CL runs PGD here: no torch.no_grad()
         panels[name] = {"clean": clean[0], "poisoned": poisoned[0], "difference": (poisoned - clean).abs()[0]}

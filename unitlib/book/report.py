@@ -195,6 +195,9 @@ class Section:
             # that never named them.
             params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
         changes = dict(cell.changes)
+        if self.profile == "smoke" and getattr(attacks, "SMOKE_PARAMS", {}).get(attack):
+            # the generator attacks' smaller smoke budgets (recorded with the experiment); a cell's own params win
+            changes["attack_params"] = {**attacks.SMOKE_PARAMS[attack], **changes.get("attack_params", {})}
         if self.profile == "smoke" and attacks.attack_class(attack).clean_label:
             # The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole
             # set would take every target-class image and leave the defender none. Half of them at smoke.
