@@ -110,3 +110,26 @@ def test_workers_run_groups_in_parallel_processes(tmp_path):
     out = grid.run_grid(the_plan, workers=2, results_dir=tmp_path, progress=False, log=lambda *a: None)
     assert all(e["ok"] for e in out), [e.get("error") for e in out]
     assert grid.plan("smoke", items, results_dir=tmp_path).jobs == []
+
+
+def test_estimate_uses_the_measured_seconds_of_earlier_records_at_the_profile(tmp_path):
+    import json
+    from pathlib import Path
+
+    items = grid.select_items(tables=["11"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path)
+    assert grid.estimate(the_plan, results_dir=tmp_path).describe().startswith("estimate: no record")
+    template = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
+    for i, (defense, train, seconds) in enumerate([("unit", 10.0, 2.0), ("unit", 30.0, 4.0), ("fp", 20.0, 100.0)]):
+        rec = json.loads(json.dumps(template))
+        rec["config"].update(profile="smoke", attack="blend", defense=defense, defense_params={}, seed=i)
+        rec["key"] = f"{i:064x}"
+        rec["seconds"] = {"train": train, "defense": seconds, "eval_after": 1.0}
+        rec["provenance"]["model_from_cache"] = False
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+    est = grid.estimate(the_plan, results_dir=tmp_path)
+    assert est.records == 3 and est.train_s == 20.0 and est.models == 1 and not est.unknown
+    # each of the five UNIT cells: the median UNIT defense time (3 s) plus the median evaluation (1 s)
+    assert est.cells_s == pytest.approx(5 * (3.0 + 1.0))
+    assert est.total_s == pytest.approx(20.0 + 20.0)
+    assert "1 model(s) x 20 s of training" in est.describe()

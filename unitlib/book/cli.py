@@ -120,7 +120,8 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
                    help="a table or figure: 8, 'Table 8', 'Fig. 12', A.1 (repeatable)")
     g.add_argument("--all", action="store_true", help="every table and figure of the appendix")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell (default: 0)")
-    g.add_argument("--list", action="store_true", help="only list the missing cells")
+    g.add_argument("--list", "--dry-run", action="store_true",
+                   help="only list the missing cells and the time they should take (from earlier records)")
     g.add_argument("--workers", type=int, default=1, help="cells run at once on this machine (processes)")
     g.add_argument("--engine", default="local", choices=list(grid.ENGINES),
                    help="local processes, or an existing Ray or Dask cluster (one task per backdoored model)")
@@ -145,6 +146,8 @@ def grid_command(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(the_plan.describe(), flush=True)
+    if the_plan.jobs:
+        print(grid.estimate(the_plan, results_dir=results_dir).describe(), flush=True)
     if args.list or not the_plan.jobs:
         return 0
     try:

@@ -33,7 +33,7 @@ from ..config import PROFILES, Experiment, profile
 from .appendix import ITEMS, Item
 from .report import RecordIndex, Section
 
-__all__ = ["ENGINES", "Job", "Plan", "item_refs", "plan", "run_grid", "run_group", "select_items"]
+__all__ = ["ENGINES", "Estimate", "Job", "Plan", "estimate", "item_refs", "plan", "run_grid", "run_group", "select_items"]
 
 ENGINES = ("local", "ray", "dask")
 SECTIONS = tuple(dict.fromkeys(item.notebook for item in ITEMS))
@@ -159,6 +159,75 @@ def plan(
     jobs = [Job(e, und, tuple(refs)) for e, und, refs in wanted.values()
             if not (und and e.model_key() in defended_models)]
     return Plan(profile, items, jobs, n_cells, n_done, missing_parts)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A plan's expected seconds, from the measured seconds of earlier records at its profile (medians)."""
+
+    train_s: float | None  # per backdoored model trained (None: no record at this profile trained one)
+    models: int
+    cells_s: float  # the cells' defenses and evaluations, summed over the jobs that could be estimated
+    unknown: tuple[str, ...]  # defenses with no record at this profile: not counted
+    records: int
+
+    @property
+    def total_s(self) -> float:
+        return self.cells_s + (self.train_s or 0.0) * self.models
+
+    def describe(self) -> str:
+        if not self.records:
+            return "estimate: no record at this profile to estimate from"
+        train = (f"{self.models} model(s) x {self.train_s:.0f} s of training (at most: models already in the "
+                 f"model cache are loaded instead)" if self.train_s is not None
+                 else f"{self.models} model(s), training time unknown (no record trained one)")
+        unknown = f"; not counted, no record of: {', '.join(self.unknown)}" if self.unknown else ""
+        return (f"estimate from {self.records} record(s): {self.total_s / 3600:.1f} h on one worker = {train} + "
+                f"{self.cells_s:.0f} s of defenses and evaluations{unknown}")
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) -> Estimate:
+    """How long ``the_plan`` should take on one worker, from the seconds that earlier records at the same profile
+    measured on their machines: the median training time per model, and per cell the median defense time of
+    records with the same defense and defense parameters (else of the same defense), plus the median evaluation
+    time. Nothing is run."""
+    import warnings
+
+    dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unreadable records are reported where records are listed, not here
+        records = [r for d in dict.fromkeys(dirs) if d.exists() for r in store.load_all(d)
+                   if r.config.get("profile") == the_plan.profile]
+    train = _median([r.seconds["train"] for r in records
+                     if not r.provenance.get("model_from_cache") and r.seconds.get("train", 0) > 1])
+    exact: dict[tuple[str, str], list[float]] = {}
+    by_name: dict[str, list[float]] = {}
+    evaluation: list[float] = []
+    for r in records:
+        params = repr(sorted((r.config.get("defense_params") or {}).items()))
+        exact.setdefault((r.config.get("defense", ""), params), []).append(r.seconds.get("defense", 0.0))
+        by_name.setdefault(r.config.get("defense", ""), []).append(r.seconds.get("defense", 0.0))
+        evaluation.append(sum(v for k, v in r.seconds.items() if k not in ("train", "defense")))
+    per_eval = _median(evaluation) or 0.0
+    cells, unknown = 0.0, []
+    for job in the_plan.jobs:
+        e = job.experiment
+        name = "none" if job.undefended else e.defense
+        seconds = _median(exact.get((name, repr(sorted(e.defense_params.items()))), [])) or _median(
+            by_name.get(name, []))
+        if seconds is None and name != "none":
+            unknown.append(name)
+            continue
+        cells += (seconds or 0.0) + per_eval
+    return Estimate(train, len(the_plan.groups()), cells, tuple(dict.fromkeys(unknown)), len(records))
 
 
 def run_group(
