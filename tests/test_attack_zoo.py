@@ -8,7 +8,7 @@ from test_attacks import _data, make
 
 from unitlib import attacks, data
 from unitlib.attacks import photos, surrogate
-from unitlib.attacks.refool import GAMMA
+from unitlib.attacks.refool import GAMMA, Refool, adversarial_selection, gaussian_blur, gaussian_blur_batch
 
 
 def test_sig_adds_a_horizontal_sinusoid_of_amplitude_delta():
@@ -55,7 +55,7 @@ def test_instagram_filter_is_pilgrams_nashville():
 
 
 def test_refool_output_is_a_reflection_blend():
-    atk = attacks.get("refool", kinds=("in-focus",), alpha_range=(0.7, 0.7))
+    atk = attacks.get("refool", selection="random", kinds=("in-focus",), alpha_range=(0.7, 0.7))
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 0.5
     out = atk.apply(x)
     reflection = (out.pow(GAMMA) - 0.7 * x.pow(GAMMA)) / 0.3  # what was added, in linear light
@@ -64,11 +64,97 @@ def test_refool_output_is_a_reflection_blend():
     assert torch.allclose(reflection, chosen, atol=1e-3)
     # the other models: a blurred and a doubled reflection, both still convex blends within [0, 1]
     for kind in ("focal-blur", "ghost"):
-        o = attacks.get("refool", kinds=(kind,), alpha_range=(0.7, 0.7)).apply(x)
+        o = attacks.get("refool", selection="random", kinds=(kind,), alpha_range=(0.7, 0.7)).apply(x)
         r = (o.pow(GAMMA) - 0.7 * x.pow(GAMMA)) / 0.3
         assert 0 <= o.min() and o.max() <= 1 and not torch.allclose(r, chosen, atol=1e-2)
     # the same images get the same reflections (determinism), other images other ones
     assert torch.equal(atk.apply(x), out)
+
+
+def test_refool_blurs_each_image_at_its_own_sigma():
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 1.0, 2.2, 2.6])
+    one_by_one = torch.stack([gaussian_blur(x[i], float(s)) for i, s in enumerate(sigma)])
+    assert torch.allclose(gaussian_blur_batch(x, sigma), one_by_one, atol=1e-6)
+
+
+def test_adversarial_selection_keeps_the_top_m_by_its_scores():
+    # A planted case: candidate i is worth effect[i]; the score of a round is that worth, as the model would rate it.
+    effect = torch.rand(40, generator=torch.Generator().manual_seed(1))
+    rounds = []
+    score = lambda index: (rounds.append(index.clone()), effect[index])[1]
+    index, w = adversarial_selection(score, 40, 5, 12, torch.Generator().manual_seed(0))
+    assert len(rounds) == 12 and all(len(r) == 5 for r in rounds)
+    assert not torch.equal(rounds[0].sort().values, torch.arange(5))  # first round: ties broken at random
+    assert torch.equal(w[index], w.sort(descending=True).values[:5])  # the final pool is the top 5 by W
+    last = rounds[-1]
+    assert torch.equal(w[last], effect[last])  # the last round's candidates hold their scores
+    others = torch.ones(40, dtype=torch.bool)
+    others[last] = False
+    assert (w[others] == effect[last].median()).all()  # every other one the median of those scores
+    assert int(effect.argmax()) in index.tolist()  # the most effective candidate is found
+    again, _ = adversarial_selection(lambda i: effect[i], 40, 5, 12, torch.Generator().manual_seed(0))
+    assert torch.equal(index, again)
+    with pytest.raises(ValueError, match="selected must be in 1..40 \\(the number of candidates\\), got 41"):
+        adversarial_selection(score, 40, 41, 1, torch.Generator())
+
+
+def _planted_refool(**params):
+    """Refool on structured images whose candidates are three black reflections, which leave only a dimmed image,
+    and one bright chequerboard at index 2: the one that plants a backdoor."""
+    budget = dict(crops=1, selected=2, rounds=4, surrogate_epochs=3, surrogate_width=8, surrogate_size=None,
+                  validation_size=64)
+    atk = attacks.get("refool", kinds=("in-focus",), alpha_range=(0.5, 0.5), **{**budget, **params})
+    board = ((torch.arange(32)[:, None] // 4 + torch.arange(32)[None] // 4) % 2).float().expand(3, 32, 32)
+    planted = torch.zeros(4, 3, 32, 32)
+    planted[2] = board
+    atk.candidates = lambda c, h, w: planted
+    return atk
+
+
+def test_refool_selection_finds_the_planted_reflection_and_caches_it(monkeypatch):
+    ds = data.load("synthetic", size=400)
+    x, y = data.to_float(ds.x_train), ds.y_train
+    atk = _planted_refool()
+    assert not atk.prepared
+    atk.prepare(x, y)
+    assert int(atk._state["index"][0]) == 2  # ranked first
+    assert atk._state["scores"][0] > atk._state["scores"][1]
+    assert torch.equal(atk.pool(3, 32, 32)[0], atk.candidates(3, 32, 32)[2])
+    p = atk.poison(x, y)
+    assert torch.equal(p.y, y) and (y[p.index] == 0).all()
+    # a second run with the same parameters and data loads the selection instead of training again
+    calls = []
+    select = Refool.select_reflections
+    monkeypatch.setattr(Refool, "select_reflections", lambda self, *a, **k: (calls.append(self.seed),
+                                                                            select(self, *a, **k))[1])
+    again = _planted_refool()
+    again.prepare(x, y)
+    assert calls == [] and torch.equal(again._state["reflections"], atk._state["reflections"])
+    assert torch.equal(again.poison(x, y).x, p.x)
+    _planted_refool(seed=1, rounds=1).prepare(x, y)  # another seed is another selection
+    assert calls == [1]
+
+
+def test_refool_selection_is_seeded():
+    ds = data.load("synthetic", size=300)
+    x, y = data.to_float(ds.x_train), ds.y_train
+    budget = dict(crops=2, selected=4, rounds=2, surrogate_epochs=1, surrogate_width=8, surrogate_size=None,
+                  validation_size=32)
+    a = attacks.get("refool", **budget).select_reflections(x, y)
+    b = attacks.get("refool", **budget).select_reflections(x, y)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = attacks.get("refool", seed=1, **budget).select_reflections(x, y)
+    assert not torch.equal(a["reflections"], c["reflections"])
+
+
+def test_refool_random_pool_needs_no_preparation():
+    atk = attacks.get("refool", selection="random", crops=2)
+    assert atk.prepared
+    atk.prepare(torch.rand(20, 3, 32, 32), torch.arange(20) % 10)  # a no-op
+    assert torch.equal(atk.pool(3, 32, 32), atk.candidates(3, 32, 32)) and len(atk.pool(3, 32, 32)) == 24
+    with pytest.raises(RuntimeError, match="call .prepare"):
+        attacks.get("refool").apply(torch.rand(1, 3, 32, 32))
 
 
 def test_refool_reflections_are_bundled_photos():

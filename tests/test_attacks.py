@@ -10,6 +10,8 @@ TINY = {
     "trojan": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=20, candidates=4),
     "cl": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=3),
     "narcissus": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, steps=20),
+    "refool": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, crops=2, selected=4, rounds=2,
+                   validation_size=32),
     "ia": dict(generator_width=2, mask_epochs=1, mask_size=None),
     "dynamic": dict(),
 }
@@ -126,6 +128,13 @@ def test_bad_input_errors():
     ("refool", {"kinds": ("mirror",)}, "unknown reflection kind\\(s\\) \\['mirror'\\]; valid choices: in-focus"),
     ("refool", {"reflections": ("lena",)}, "unknown reflection photo\\(s\\) \\['lena'\\]; valid choices: astronaut"),
     ("refool", {"alpha_range": (0.9, 0.1)}, "alpha_range must be a pair \\(low, high\\) with 0.0 <= low"),
+    ("refool", {"selection": "best"}, "unknown selection 'best'; valid choices: adversarial, random"),
+    ("refool", {"selected": 0}, "selected must be in 1..192 \\(len\\(reflections\\) x crops candidates\\), got 0"),
+    ("refool", {"crops": 2, "selected": 25}, "selected must be in 1..24 .*got 25"),
+    ("refool", {"rounds": 0}, "rounds must be >= 1, got 0"),
+    ("refool", {"round_poison_rate": 0}, "round_poison_rate must be in \\(0, 1\\], got 0"),
+    ("refool", {"validation_size": 0}, "validation_size must be >= 1, got 0"),
+    ("refool", {"surrogate_size": 5}, "surrogate_size must be >= 10 or None, got 5"),
     ("adap-blend", {"pieces": 15}, "pieces must be a square number >= 1.*got 15"),
     ("adap-blend", {"masked_pieces": 16}, "masked_pieces must be in \\[0, 15\\], got 16"),
     ("adap-blend", {"pattern": "kitty"}, "unknown pattern 'kitty'; valid choices: noise,"),
@@ -142,7 +151,7 @@ def test_bad_parameter_values_name_the_valid_range(name, params, message):
         attacks.get(name, **params)
 
 
-@pytest.mark.parametrize("name", ["trojan", "narcissus"])
+@pytest.mark.parametrize("name", ["trojan", "narcissus", "refool"])
 def test_model_attacks_refuse_to_run_before_prepare(name):
     atk = attacks.get(name)
     assert atk.needs_prepare and not atk.prepared

@@ -9,10 +9,12 @@ from .registry import ATTACKS, REGISTRY, attack_class, get, parameters
 # Budgets for the attacks that train a generator with the model where every run is live (the book's smoke profile:
 # 6 epochs of a small CNN, about 190 steps). IA: a narrower generator, a shorter mask pre-training, and a fifth of
 # its cross-trigger samples (with as many as payload ones the small CNN does not learn the backdoor in 6 epochs).
-# Dynamic: a 10x generator learning rate (at Adam's default the BaN barely moves in 190 steps).
+# Dynamic: a 10x generator learning rate (at Adam's default the BaN barely moves in 190 steps). Refool: a smaller
+# reflection selection (its surrogates train before poisoning).
 SMOKE_PARAMS: dict[str, dict[str, object]] = {
     "ia": {"generator_width": 4, "mask_epochs": 2, "mask_size": 1000, "cross_ratio": 0.2},
     "dynamic": {"generator_lr": 0.01},
+    "refool": refool.SMOKE_PARAMS,
 }
 
 __all__ = ["ATTACKS", "REGISTRY", "SMOKE_PARAMS", "Attack", "Poisoned", "attack_class", "get", "parameters"]
