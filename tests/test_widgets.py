@@ -63,7 +63,7 @@ def test_compare_labels_ours_and_the_paper_and_lists_gaps(tmp_path):
     gaps = table[table.status != report.REPRODUCED]
     assert len(gaps) and gaps["ours acc"].isna().all()  # never a fake number
     assert all(s.startswith("not yet reproduced") for s in gaps["status"])
-    assert "not implemented (attacks Dynamic, IA" in report.missing_line(table, profile="cpu")
+    assert "not implemented (attacks ISSBA, LIRA" in report.missing_line(table, profile="cpu")
     assert "rows" in report.summary(table, what="cells")
     view = report.table_view(table, title="Table 8", section=sec)
     assert "Ours: cpu — cifar10-jpeg" in view.to_html() and "measured at" not in view.to_html()

@@ -369,4 +369,5 @@ def _epochs(
             on_epoch(epoch + 1)
 
 
-__all__ = ["DEVICES", "BatchHook", "Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit", "resolve_device"]
+__all__ = ["DEVICES", "BatchHook", "Recipe", "apply_augment", "augment", "autocast", "draw_augment", "fit",
+           "resolve_device"]

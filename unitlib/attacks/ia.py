@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import data
 from ..train import augment
 from .joint import JointAttack
 from .registry import register
@@ -125,7 +126,7 @@ class IA(JointAttack):
         if self.mask_size is not None and self.mask_size < 2:
             raise ValueError(f"mask_size must be >= 2 or None (the whole training set), got {self.mask_size!r}")
 
-    # -- networks -----------------------------------------------------------------------------------------------------
+    # -- networks ------------------------------------------------------------------------------------------------------
     @staticmethod
     def _levels(shape: tuple[int, ...]) -> int:
         # three levels for 32 x 32 (the paper's CIFAR-10 generator), fewer for images too small to halve thrice
@@ -159,8 +160,6 @@ class IA(JointAttack):
 
     def _train_mask(self, mask: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                     progress: bool) -> None:
-        from .. import data
-
         g = self.generator(salt=41)
         if self.mask_size is not None and self.mask_size < len(y):
             x = x[data.balanced_subset(y, self.mask_size, g)]
@@ -185,7 +184,7 @@ class IA(JointAttack):
             if progress:
                 print(f"ia mask epoch {epoch + 1}/{self.mask_epochs}: loss {loss.item():.3f}")
 
-    # -- the trigger -----------------------------------------------------------------------------------------------
+    # -- the trigger ---------------------------------------------------------------------------------------------------
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return threshold(self.networks["fixed"](x))

@@ -49,7 +49,7 @@ class JointAttack(Attack):
         if not self.generator_lr > 0:
             raise ValueError(f"generator_lr must be > 0, got {self.generator_lr!r}")
 
-    # -- what subclasses provide --------------------------------------------------------------------------------------
+    # -- what subclasses provide ---------------------------------------------------------------------------------------
     def build_generator(self, shape: tuple[int, int, int]) -> nn.Module:
         """The networks trained with the classifier, for images of ``shape`` (C, H, W)."""
         raise NotImplementedError
@@ -84,7 +84,7 @@ class JointAttack(Attack):
         del progress
         return 1.0
 
-    # -- state ----------------------------------------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------------------------------------
     @property
     def prepared(self) -> bool:
         """Whether the generator has been trained with a model (or loaded from the cache)."""
@@ -126,7 +126,7 @@ class JointAttack(Attack):
         self._nets = nets
         self._trained = False
 
-    # -- the poisoned set ---------------------------------------------------------------------------------------------
+    # -- the poisoned set ----------------------------------------------------------------------------------------------
     def roles(self, y: torch.Tensor) -> torch.Tensor:
         """Each training sample's role: 0 clean, 1 payload (``poison_rate`` of the set, non-target), 2 cover."""
         payload = self.select(y)
@@ -161,11 +161,12 @@ class JointAttack(Attack):
     @torch.no_grad()
     def apply(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         self.require_prepared()
+        if not len(x):
+            return x.clone()
         self.networks.to(x.device).eval()
-        return torch.cat([self.stamp(x[i : i + batch_size]).clamp(0, 1) for i in range(0, len(x), batch_size)]) \
-            if len(x) else x.clone()
+        return torch.cat([self.stamp(x[i : i + batch_size]).clamp(0, 1) for i in range(0, len(x), batch_size)])
 
-    # -- the cache ------------------------------------------------------------------------------------------------------
+    # -- the cache -----------------------------------------------------------------------------------------------------
     def trained_path(self, context: dict):
         """Where the generator trained in ``context`` (what else its training depended on: the model, the recipe)
         is cached: keyed by the attack's parameters, ``context`` and the data's fingerprint."""
@@ -174,8 +175,7 @@ class JointAttack(Attack):
 
     def save_trained(self, context: dict) -> None:
         self.require_prepared()
-        state = {k: v for k, v in self.networks.state_dict().items()}
-        save_cached(self.trained_path(context), state,
+        save_cached(self.trained_path(context), self.networks.state_dict(),
                     {"attack": self.name, "params": json.dumps(self.params(), default=str),
                      "training": json.dumps(context, default=str)})
 

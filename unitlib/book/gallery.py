@@ -58,7 +58,9 @@ def trigger_gallery(
     for i, name in enumerate(names):
         cls = attacks.attack_class(name)
         joint = getattr(cls, "trains_with_model", False)
-        extra = {**(budget if cls.needs_prepare and not joint else {}), **params.get(name, {})}
+        # IA and Dynamic take their smoke budgets (a narrower generator, a shorter mask pre-training) instead
+        extra = {**(attacks.SMOKE_PARAMS.get(name, {}) if joint else budget if cls.needs_prepare else {}),
+                 **params.get(name, {})}
         atk = attacks.get(name, target=target, seed=seed, **extra)
         if atk.needs_prepare:
             if prepare_data is None:
