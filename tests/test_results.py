@@ -82,6 +82,21 @@ def test_model_path_uses_cache_model_key_and_data_digest(tmp_path, monkeypatch):
     assert path != results.model_path(exp.replace(seed=1), "a" * 64)
 
 
+def test_model_path_changes_when_the_attack_changes_its_defaults_or_trigger(tmp_path, monkeypatch):
+    # a model trained before an attack's defaults changed must not be reused as if made the new way
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+    exp = profile("smoke", attack="badnets")
+    path = results.model_path(exp, "a" * 64)
+    cls = type(exp.make_attack())
+    original = cls.params
+    monkeypatch.setattr(cls, "params", lambda self: {**original(self), "patch_size": 99})  # a new default
+    assert results.model_path(exp, "a" * 64) != path
+    monkeypatch.setattr(cls, "params", original)
+    assert results.model_path(exp, "a" * 64) == path
+    monkeypatch.setattr(cls, "cache_version", cls.cache_version + 1)  # the same parameters, a new trigger
+    assert results.model_path(exp, "a" * 64) != path
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"key": "abc", "config": {', "not a readable JSON record (JSONDecodeError"),
     ("[1, 2]", "a record is a JSON object, got list"),

@@ -51,7 +51,7 @@ def backdoored_model(
     path = results.model_path(exp, dataset.digest)
     model = build_model(exp, dataset)
     joint = attack if getattr(attack, "trains_with_model", False) else None
-    context = {"model_key": exp.model_key(), "data": dataset.digest}
+    context = {"model_key": exp.model_key(), "data": dataset.digest, "attack": results.attack_identity(exp)}
     if path.exists() and (joint is None or joint.load_trained(context)):
         try:
             return results.load_model(model, path).to(device).eval(), results.model_metadata(path)

@@ -306,8 +306,19 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def attack_identity(experiment: Experiment) -> str:
+    """What decides the poisoned training set beyond the experiment's own fields: the attack's class, its
+    ``cache_version`` and every parameter as resolved today, defaults included. An attack whose defaults or trigger
+    change (a new ``cache_version``) so gets new cached models instead of reusing ones made the old way."""
+    attack = experiment.make_attack()
+    ident = {"attack": type(attack).__name__, "version": getattr(type(attack), "cache_version", 1),
+             "params": attack.params()}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def model_path(experiment: Experiment, data_digest: str) -> Path:
     """Where the backdoored model of ``experiment`` trained on the data with ``data_digest`` is cached: the key joins
-    the experiment's model key and the data's digest, so a model is never reused on other data of the same name."""
-    key = hashlib.sha256(f"{experiment.model_key()}:{data_digest}".encode()).hexdigest()
+    the experiment's model key, the data's digest and the attack as resolved today (:func:`attack_identity`), so a
+    model is never reused on other data of the same name, nor after the attack's defaults or trigger changed."""
+    key = hashlib.sha256(f"{experiment.model_key()}:{data_digest}:{attack_identity(experiment)}".encode()).hexdigest()
     return cache_dir() / "models" / f"{key}.safetensors"

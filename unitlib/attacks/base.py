@@ -42,6 +42,9 @@ class Attack:
     # Attacks that learn their trigger from a clean or surrogate model (Trojan, CL, NARCISSUS) set this and
     # implement :meth:`prepare`; their ``apply``/``poison`` refuse to run before it.
     needs_prepare: ClassVar[bool] = False
+    # Part of the model cache's key (``results.attack_identity``): raise it when the poisoned images an attack
+    # makes change with parameters that do not, so that models trained the old way are not reused.
+    cache_version: ClassVar[int] = 1
 
     target: int = 0
     poison_rate: float = 0.1
