@@ -202,12 +202,16 @@ class JointHook:
         self.role = role
         self.opt: torch.optim.Optimizer | None = None
         self.total = 1
+        # the generator's initial weights: begin() starts from them again after a checkpoint that failed to load
+        self.initial = {k: v.clone() for k, v in attack.networks["gen"].state_dict().items()}
 
     def begin(self, x: torch.Tensor, y: torch.Tensor, device: torch.device, total_steps: int) -> None:
         if len(self.role) != len(x):
             raise ValueError(f"the hook was made for {len(self.role)} training samples, the loop has {len(x)}")
         del y
-        nets = self.attack.networks.to(device)
+        nets = self.attack.networks
+        nets["gen"].load_state_dict(self.initial)
+        nets.to(device)
         nets["gen"].train()
         if "fixed" in nets:
             nets["fixed"].eval()
