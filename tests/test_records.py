@@ -76,8 +76,8 @@ def _default_unit(attack: str, seed: int = 0):
 # Where UNIT's defaults miss the bar at `cpu` (ASR <= 10% within 3 points of test accuracy, seed 0), and the
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
-    "refool": "no backdoor to remove: the Refool paper's random reflection pool leaves the undefended model at 18.99% "
-              "ASR (UNIT: 24.12%)",
+    "refool": "no backdoor to remove: the reflections Refool's selection picks (scaled down to two cores) leave the "
+              "undefended model at 21.78% ASR (UNIT: 26.40%)",
     "narcissus": "the trigger is not abnormal where UNIT looks: ASR 98.39% at the 2% budget (measured with "
                  "unit.exceedance and looser budgets in the closing note of the UNIT-fidelity issue)",
     "blend": "ASR 10.23% at 3.17 points of test accuracy for the 2 points of validation accuracy the budget allows "
@@ -110,7 +110,8 @@ def _clean_accuracy(rec):
 
 
 ZOO_SHORTFALL: dict[str, str] = {
-    "refool": "the Refool paper's random reflection pool plants no backdoor at cpu: 18.99% ASR (seed 0)",
+    "refool": "the reflections Refool's selection picks, scaled down to two cores (4 rounds, 32 of 192 candidates), "
+              "plant no backdoor at cpu: 21.78% ASR (seed 0; the random pool: 18.99%)",
     "sig": "at the UNIT authors' 8% the resnet-mini model reaches 86.01% ASR (seed 0), under the 90% bar",
 }
 
