@@ -6,6 +6,9 @@ passes on every seed and thread count here has a margin the tests can rely on.
 A planted model that misses the test's own bars for a backdoored model (ASR >= 0.9, clean accuracy >= 0.8) carries no
 backdoor to remove: its rows are kept, marked ``backdoored: false``, and left out of the summary.
 
+The output keeps the rows and summaries of the defenses not run this time (each summary with the provenance of
+the run that measured it), so one defense's budget can be re-measured alone.
+
     python benchmarks/smoke_margins.py [--seeds 0 1 2 3] [--threads 1 2] [--defenses ft seam]
 """
 
@@ -87,10 +90,27 @@ def main() -> None:
                          "min_acc_after": min(r["after"]["clean_acc"] for r in mine),
                          "max_seconds": max(r["seconds"] for r in mine),
                          "params": SMOKE_PARAMS[name]}
-    out = {"rows": rows, "summary": summary, "provenance": results.provenance(torch.device("cpu"))}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
+    provenance = results.provenance(torch.device("cpu"))
+    for entry in summary.values():
+        entry["provenance"] = provenance
+    out_path = Path(args.out)
+    if out_path.exists():
+        rows, summary = merged(json.loads(out_path.read_text()), rows, summary)
+    out = {"rows": rows, "summary": summary, "provenance": provenance}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({name: summary[name] for name in args.defenses}, indent=1))
+
+
+def merged(old: dict, rows: list[dict], summary: dict) -> tuple[list[dict], dict]:
+    """``rows`` and ``summary`` of this run, with the earlier output's rows and summaries of the defenses not run
+    this time kept (a kept summary without its own provenance gets the earlier output's)."""
+    ran = set(summary)
+    kept = {name: {**entry, "provenance": entry.get("provenance", old.get("provenance"))}
+            for name, entry in old.get("summary", {}).items() if name not in ran}
+    all_rows = [r for r in old.get("rows", []) if r["defense"] not in ran] + rows
+    all_rows.sort(key=lambda r: (r["threads"], r["seed"], r["defense"]))
+    return all_rows, dict(sorted({**kept, **summary}.items()))
 
 
 if __name__ == "__main__":

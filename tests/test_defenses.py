@@ -424,8 +424,8 @@ def test_clp_needs_convolutions_followed_by_batchnorm():
 def test_fst_pushes_the_classifier_away_from_the_original(outcomes, planted):
     """FST's classifier keeps the original's norm and ends further from it (cosine similarity of the weights) than it
     started and than the same run without the inner-product penalty (alpha 0), whose classifier drifts back towards
-    the original's. Measured on the planted models of seeds 0-4 (one thread, and seeds 1-3 with two): with the
-    penalty the cosine ended at -0.34 to -0.28, without it at 0.44 to 0.50."""
+    the original's. Measured on the planted models of seeds 0-4 (one thread, the smoke budget): with the penalty the
+    cosine ended at -0.96 to -0.93, without it at 0.56 to 0.63."""
     report = outcomes["runs"]["fst"]["defense"].report
     assert report["linear"] == "net.linear"
     head = outcomes["runs"]["fst"]["model"].get_submodule(report["linear"])

@@ -30,16 +30,20 @@ from .unit import UNIT, BoundedModel
 # - SEAM: ASR <= 0.10, accuracy >= 0.79 (batch 16, 8 recovery epochs). At batch 128 a forgetting step over the 50
 #   images is one SGD step, the accuracy check ends forgetting after a few, and 9 of 12 runs failed: the backdoor
 #   came back in recovery on 7 (ASR 0.58-1.00), 4 recovery epochs left accuracy at 0.32 and 0.49 on 2.
-# - Not yet seed- and thread-robust: FT ASR up to 0.71 (2 of 12 runs fail), FP 0.92 (3 of 12), ANP 0.56 (1 of 12),
-#   FST 0.52 (1 of 12), I-BAU 0.52 (2 of 12, one of them the tests' own seed-0 model with two threads).
+# - FT: ASR <= 0.04, accuracy >= 0.82 (batch 32; at batch 128, ASR 0.61 and 0.71 on two runs).
+# - FP: ASR <= 0.05, accuracy >= 0.70 (batch 32 and 8 epochs; at batch 128 and 3 epochs, ASR 0.51-0.92 on three
+#   runs: 80% of the last map pruned leaves the backdoor on some seeds, and three SGD steps an epoch do not remove it).
+# - FST: ASR <= 0.02, accuracy >= 0.92 (batch 32; at batch 128, ASR 0.52 on one run).
+# - Not yet seed- and thread-robust: ANP ASR up to 0.56 (1 of 12 runs fail), I-BAU 0.52 (2 of 12, one of them the
+#   tests' own seed-0 model with two threads).
 # - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
 #   momentum, peaks of 0.5-1.0 either left the backdoor on one seed or cost half the accuracy on another).
 # - CLP needs no budget and reads no data; it does not remove the smoke backdoor (ASR stays 1.00: the backdoor's
 #   channels are not outliers of their layers at u = 3) and is checked for a working model only (accuracy >= 0.89).
 SMOKE_PARAMS: dict[str, dict[str, object]] = {
-    "ft": {"epochs": 8, "lr": 0.1, "lr_step": 0},
-    "fp": {"ratio": 0.8, "epochs": 3, "lr": 0.05},
+    "ft": {"epochs": 8, "lr": 0.1, "lr_step": 0, "batch_size": 32},
+    "fp": {"ratio": 0.8, "epochs": 8, "lr": 0.05, "batch_size": 32},
     "nad": {"epochs": 5, "teacher_epochs": 5, "teacher_lr": 0.1, "lr": 0.005, "batch_size": 32},
     "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3},
     "anp": {"iterations": 100, "batch_size": 32, "alpha": 0.05, "threshold": 0.6},
@@ -47,7 +51,7 @@ SMOKE_PARAMS: dict[str, dict[str, object]] = {
     "seam": {"forget_lr": 0.05, "forget_acc": 0.12, "recover_epochs": 8, "recover_lr": 0.05, "recover_lr_step": 0,
              "batch_size": 16},
     "clp": {},
-    "fst": {"epochs": 10, "lr": 0.05},
+    "fst": {"epochs": 10, "lr": 0.05, "batch_size": 32},
     "rnp": {"unlearn_epochs": 5, "mask_epochs": 5},
     "ft-sam": {"epochs": 10, "lr": 0.05},
     "super-ft": {"epochs": 16, "phase1_epochs": 6, "lr_base": 0.01, "lr_max1": 0.3, "lr_max2": 0.05, "up_steps": 5,

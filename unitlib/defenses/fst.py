@@ -14,7 +14,7 @@ weight decay, batch 128, the lr annealed by a cosine over the epochs; 10 epochs 
 command for CIFAR-10 and ResNet-18). The new weights and biases are drawn uniformly from +-1/sqrt(fan_in), as
 there. Augmentation here: random crop and horizontal flip. The final linear layer is found by a forward pass (the
 last ``nn.Linear`` called) or named by ``linear``. For two CPU cores nothing changes but the epochs, through
-``epochs``; the smoke budget (``SMOKE_PARAMS``) runs 10 epochs at lr 0.05 on its 320 images.
+``epochs``; the smoke budget (``SMOKE_PARAMS``) runs 10 epochs at lr 0.05 in batches of 32 on its 320 images.
 """
 
 from __future__ import annotations
