@@ -10,8 +10,8 @@ from unitlib.cli import main, overrides
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert ("attacks: activation-suppression, adap-blend, badnets, blend, cl, instagram, label-specific, narcissus, "
-            "refool, sig, trigger-specific, trojan, wanet" in out
+    assert ("attacks: activation-suppression, adap-blend, badnets, blend, cl, dynamic, ia, instagram, label-specific, "
+            "narcissus, refool, sig, trigger-specific, trojan, wanet" in out
             and "profiles: smoke, cpu, paper" in out)
 
 
