@@ -87,3 +87,22 @@ def test_the_package_copy_matches_the_shared_transcription_when_present():
     for number, name in paper.TABLES.items():
         pd.testing.assert_frame_equal(paper.table(number), paper._read.__wrapped__(name))
         assert (shared / name).read_text() == (Path(paper.__file__).parent / "paper_tables" / name).read_text()
+
+
+def test_book_rows_use_the_companion_codes_reflection_and_a_cell_can_override_it():
+    from unitlib import attacks
+    from unitlib.book.report import Cell, Section
+
+    sec = Section.from_parameters("a1_baselines", profile="cpu")
+    exp = sec.experiment(Cell({}, "Reflection", "UNIT"))
+    atk = attacks.get(exp.attack, **exp.attack_params)
+    assert (atk.selection, atk.reflections, atk.crops, atk.kinds, atk.alpha_range) == (
+        "random", ("coffee",), 1, ("in-focus",), (0.5, 0.5))
+    assert exp.poison_rate == 0.08
+    own = sec.experiment(Cell({}, "Reflection", "UNIT", changes={"attack_params": {"alpha_range": [0.6, 0.6]}}))
+    assert attacks.get(own.attack, **own.attack_params).alpha_range == (0.6, 0.6)
+    assert own.attack_params["reflections"] == ["coffee"]
+    # the recipe is a copy: changing what one experiment got leaves the next one alone
+    exp.attack_params["reflections"].append("moon")
+    assert sec.experiment(Cell({}, "Reflection", "UNIT")).attack_params["reflections"] == ["coffee"]
+    assert sec.experiment(Cell({}, "Blend", "UNIT")).attack_params == {}

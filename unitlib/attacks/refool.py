@@ -22,7 +22,7 @@ from ..train import Recipe, fit, resolve_device
 from . import photos
 from .base import Attack
 from .registry import register
-from .surrogate import cache_path, fingerprint, load_cached, save_cached
+from .surrogate import cache_path, check_surrogate_budget, fingerprint, load_cached, save_cached
 
 KINDS = ("in-focus", "focal-blur", "ghost")
 SELECTIONS = ("adversarial", "random")
@@ -186,12 +186,7 @@ class Refool(Attack):
             raise ValueError(f"round_poison_rate must be in (0, 1], got {self.round_poison_rate!r}")
         if self.validation_size < 1:
             raise ValueError(f"validation_size must be >= 1, got {self.validation_size!r}")
-        if self.surrogate_epochs < 1:
-            raise ValueError(f"surrogate_epochs must be >= 1, got {self.surrogate_epochs!r}")
-        if self.surrogate_width < 2:
-            raise ValueError(f"surrogate_width must be >= 2, got {self.surrogate_width!r}")
-        if self.surrogate_size is not None and self.surrogate_size < 10:
-            raise ValueError(f"surrogate_size must be >= 10 or None, got {self.surrogate_size!r}")
+        check_surrogate_budget(self.surrogate_epochs, self.surrogate_width, self.surrogate_size)
 
     @property
     def prepared(self) -> bool:

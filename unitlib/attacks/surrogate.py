@@ -98,6 +98,17 @@ def surrogate_model(
     return model.eval()
 
 
+def check_surrogate_budget(epochs: int, width: int, size: int | None) -> None:
+    """Raise ValueError, naming the value, unless a surrogate budget is usable: ``epochs`` >= 1, ``width`` >= 2 and
+    ``size`` (images; None: all) >= 10."""
+    if epochs < 1:
+        raise ValueError(f"surrogate_epochs must be >= 1, got {epochs!r}")
+    if width < 2:
+        raise ValueError(f"surrogate_width must be >= 2, got {width!r}")
+    if size is not None and size < 10:
+        raise ValueError(f"surrogate_size must be >= 10 or None, got {size!r}")
+
+
 @dataclass
 class ModelAttack(Attack):
     """An attack that learns its trigger from the attacker's clean model (``surrogate_*`` set its budget: a few
@@ -112,12 +123,7 @@ class ModelAttack(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.surrogate_epochs < 1:
-            raise ValueError(f"surrogate_epochs must be >= 1, got {self.surrogate_epochs!r}")
-        if self.surrogate_width < 2:
-            raise ValueError(f"surrogate_width must be >= 2, got {self.surrogate_width!r}")
-        if self.surrogate_size is not None and self.surrogate_size < 10:
-            raise ValueError(f"surrogate_size must be >= 10 or None, got {self.surrogate_size!r}")
+        check_surrogate_budget(self.surrogate_epochs, self.surrogate_width, self.surrogate_size)
 
     # The trigger does not depend on how many samples are poisoned.
     def trigger_key(self) -> dict:

@@ -12,6 +12,7 @@ NaN). ``paper_tables/README.md`` lists every reconstruction and the paper's own 
 
 from __future__ import annotations
 
+import copy
 import functools
 from importlib import resources
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 __all__ = [
-    "ATTACKS", "CITATIONS", "DEFENSES", "PAPER_SETTING", "POISON_RATES", "PROFILE_POISON_RATES", "TABLES", "cite",
+    "ATTACK_PARAMS", "ATTACKS", "CITATIONS", "DEFENSES", "PAPER_SETTING", "POISON_RATES", "PROFILE_POISON_RATES", "TABLES", "cite",
     "defaults", "defense_name", "paper_name", "poison_rate", "registry_name", "reported", "table", "text_numbers",
 ]
 
@@ -97,6 +98,23 @@ POISON_RATES: dict[str, float] = {
 PROFILE_POISON_RATES: dict[str, dict[str, float]] = {
     "cpu": {"Adap-Blend": 0.05, "NARCISSUS": 0.005},
 }
+
+
+# Attack parameters the book's rows use where the appendix's numbers come from a recipe other than the attack's own
+# defaults, keyed by the appendix's names. Reflection: the UNIT authors' companion code blends one fixed reflection
+# photo in focus at equal weight into every poisoned image, where Refool's defaults here draw from a pool of
+# reflections chosen by its Algorithm 1; the pool plants no backdoor on the `cpu` model (21.78% ASR, the README's
+# measured section), the fixed photo does.
+ATTACK_PARAMS: dict[str, dict[str, object]] = {
+    "Reflection": {"selection": "random", "reflections": ["coffee"], "crops": 1, "kinds": ["in-focus"],
+                   "alpha_range": [0.5, 0.5]},
+}
+
+
+def attack_params(attack: str) -> dict[str, object]:
+    """The attack parameters the book's rows use for ``attack`` (the appendix's name): a copy, empty where the
+    attack's defaults are used."""
+    return copy.deepcopy(ATTACK_PARAMS.get(attack, {}))
 
 
 def poison_rate(attack: str, profile: str) -> float | None:

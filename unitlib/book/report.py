@@ -195,6 +195,9 @@ class Section:
             # that never named them.
             params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
         changes = dict(cell.changes)
+        if paper.attack_params(cell.attack):
+            # the recipe the appendix's numbers for this attack come from (a cell's own params win)
+            changes["attack_params"] = {**paper.attack_params(cell.attack), **changes.get("attack_params", {})}
         if self.profile == "smoke" and getattr(attacks, "SMOKE_PARAMS", {}).get(attack):
             # the generator attacks' smaller smoke budgets (recorded with the experiment); a cell's own params win
             changes["attack_params"] = {**attacks.SMOKE_PARAMS[attack], **changes.get("attack_params", {})}
