@@ -1,9 +1,12 @@
 """Second tier: the committed result records are well-formed, untampered (each record's key is the hash of its own
 configuration) and meet the expectations the foundation issue set for the `cpu` profile."""
 
+import json
+
 import pytest
 
 from unitlib import results
+from unitlib.book import paper
 from unitlib.config import profile
 
 RECORDS = results.load_all()
@@ -67,17 +70,24 @@ def _meets_the_bar(rec) -> bool:
 ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
 
 
+def _book_attack_params(attack: str) -> dict:
+    """The attack parameters the book's rows use for the registry name ``attack`` (Reflection: the companion
+    recipe), in the form a record stores them."""
+    names = [name for name, registry in paper.ATTACKS.items() if attack in registry]
+    return json.loads(json.dumps(paper.attack_params(names[0]))) if names else {}
+
+
 def _default_unit(attack: str, seed: int = 0):
     return [r for r in CPU_UNIT if r.config["attack"] == attack and r.config["seed"] == seed
-            and not r.config["defense_params"] and not r.config["attack_params"]
+            and not r.config["defense_params"] and r.config["attack_params"] == _book_attack_params(attack)
             and results.stale_reason(r, r.experiment) is None]
 
 
 # Where UNIT's defaults miss the bar at `cpu` (ASR <= 10% within 3 points of test accuracy, seed 0), and the
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
-    "refool": "no backdoor to remove: the reflections Refool's selection picks (scaled down to two cores) leave the "
-              "undefended model at 21.78% ASR (UNIT: 26.40%)",
+    "refool": "the companion recipe's fixed reflection plants (99.08% ASR); UNIT's defaults leave 51.04% at the 2% "
+              "budget (measured: see the closing note of the UNIT-fidelity issue)",
     "narcissus": "the trigger is not abnormal where UNIT looks: ASR 98.39% at the 2% budget (measured with "
                  "unit.exceedance and looser budgets in the closing note of the UNIT-fidelity issue)",
     "blend": "ASR 10.23% at 3.17 points of test accuracy for the 2 points of validation accuracy the budget allows "
@@ -110,8 +120,6 @@ def _clean_accuracy(rec):
 
 
 ZOO_SHORTFALL: dict[str, str] = {
-    "refool": "the reflections Refool's selection picks, scaled down to two cores (4 rounds, 32 of 192 candidates), "
-              "plant no backdoor at cpu: 21.78% ASR (seed 0; the random pool: 18.99%)",
     "sig": "at the UNIT authors' 8% the resnet-mini model reaches 86.01% ASR (seed 0), under the 90% bar",
 }
 

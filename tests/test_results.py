@@ -172,3 +172,20 @@ def test_a_record_made_under_other_defaults_is_stale(tmp_path):
     index = RecordIndex([tmp_path])
     assert index.lookup(exp) == (None, "after")
     assert index.lookup(exp, undefended=True)[0] == old
+
+
+def test_a_record_made_before_the_attack_raised_its_cache_version_is_stale(tmp_path, monkeypatch):
+    """An attack that changes how it poisons without a parameter to show it raises ``cache_version``: records
+    made at the old version (those without one count as version 1) stop describing it."""
+    exp = profile("smoke")
+    cls = type(exp.make_attack())
+    resolved = {"attack": exp.make_attack().params(), "defense": exp.make_defense().params()}
+    rec = _record(report={"resolved": resolved})  # made before records stored the version: version 1
+    results.save(rec, tmp_path)
+    assert results.stale_reason(rec, exp) is None
+    monkeypatch.setattr(cls, "cache_version", 2)
+    assert results.stale_reason(rec, exp) == "the attack's poisoning changed since it was made (cache_version 1 -> 2)"
+    assert results.stale_reason(rec, exp, defense=False) is not None  # the undefended model changed too
+    assert results.find(exp, tmp_path) is None
+    now = _record(report={"resolved": {**resolved, "attack_version": 2}})
+    assert results.stale_reason(now, exp) is None

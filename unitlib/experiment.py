@@ -233,7 +233,8 @@ def run(
                     "compile": (cached_meta or {}).get("compile", "off") if cached else compile,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
                     "n_clean_opt": len(opt_idx), "n_clean_val": len(val_idx)},
-        report={"resolved": {"attack": attack.params(), "defense": defense.params()}, **defense.report},
+        report={"resolved": {"attack": attack.params(), "attack_version": getattr(type(attack), "cache_version", 1),
+                             "defense": defense.params()}, **defense.report},
     )
     if save:
         path = results.save(record, results_dir)

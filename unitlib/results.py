@@ -159,11 +159,18 @@ def stale_reason(record: Record, experiment: Experiment, *, defense: bool = True
     An experiment names only the parameters it sets; the rest are the attack's and defense's defaults, which a
     record stores as resolved (``report["resolved"]``). A default changed since the record was made makes it stale:
     the same key, another experiment. ``defense`` false compares the attack alone (the undefended model's
-    metrics do not depend on the defense). Records without resolved parameters cannot be checked and count as
-    current."""
+    metrics do not depend on the defense). An attack whose poisoning changed with no parameter to show it raises
+    its ``cache_version``: a record made at another version (one without it: version 1) is stale too. Records
+    without resolved parameters cannot be checked and count as current."""
     resolved = (record.report or {}).get("resolved")
     if not isinstance(resolved, dict):
         return None
+    if "attack" in resolved:
+        now_version = getattr(type(experiment.make_attack()), "cache_version", 1)
+        then_version = resolved.get("attack_version", 1)
+        if then_version != now_version:
+            return (f"the attack's poisoning changed since it was made (cache_version {then_version} -> "
+                    f"{now_version})")
     parts = [("attack", experiment.make_attack)] + ([("defense", experiment.make_defense)] if defense else [])
     for part, make in parts:
         if part not in resolved:

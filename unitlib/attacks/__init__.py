@@ -1,7 +1,7 @@
 """Backdoor attacks, one module each, one registry (``get``, ``ATTACKS``)."""
 
 from . import (  # noqa: F401
-    adap_blend, adaptive, badnets, blend, cl, dynamic, ia, instagram, narcissus, refool, sig, trojan, wanet,
+    adap_blend, adaptive, badnets, blend, cl, dynamic, ia, instagram, lira, narcissus, refool, sig, trojan, wanet,
 )
 from .base import Attack, Poisoned
 from .registry import ATTACKS, REGISTRY, attack_class, get, parameters
@@ -15,6 +15,7 @@ from .registry import ATTACKS, REGISTRY, attack_class, get, parameters
 SMOKE_PARAMS: dict[str, dict[str, object]] = {
     "ia": {"generator_width": 4, "mask_epochs": 10, "mask_size": 1000, "cross_ratio": 0.2},
     "dynamic": {"generator_lr": 0.01},
+    "lira": lira.SMOKE_PARAMS,
 }
 
 __all__ = ["ATTACKS", "REGISTRY", "SMOKE_PARAMS", "Attack", "Poisoned", "attack_class", "get", "parameters"]
