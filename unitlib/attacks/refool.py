@@ -133,7 +133,8 @@ class Refool(Attack):
     The UNIT authors' companion code poisons 8% of the training set for Reflection (pass ``poison_rate``), with a
     single fixed reflection photo blended in focus, weighted by the two images' mean brightness;
     ``selection="random", reflections=("coffee",), crops=1, kinds=("in-focus",), alpha_range=(0.5, 0.5)`` comes
-    close. Whether a pool plants a backdoor at a profile is measured in the records (``results/``)."""
+    close, and the book's Reflection rows use it (``unitlib.book.paper.ATTACK_PARAMS``): the appendix's numbers
+    come from that code. Whether a pool plants a backdoor at a profile is measured in the records (``results/``)."""
 
     name = "refool"
     clean_label = True
