@@ -314,3 +314,20 @@ def test_exceedance_counts_activations_above_their_bounds():
     assert exceedance(model, {site: torch.full_like(bound, 1e9)}, clean.x_val)[site] == 0
     with pytest.raises(ValueError, match="no module named nowhere"):
         exceedance(model, {"nowhere": bound}, clean.x_val)
+
+
+def test_slow_early_tightening_is_not_a_stall():
+    """The stopping rule looks at what the last ``stop_patience`` validations achieved together: while alpha is small
+    the regulariser falls by ~1% a step here, under a 2% tolerance, yet by ~4% over four steps, so bounds that start
+    within ``settle`` of the threshold keep tightening; with a 20% tolerance the same run stops after four."""
+    model, clean = _two_class_model()
+    params = dict(steps=15, lr=0.05, degradation=0.3, settle=0.5, stop_patience=4, augment=False, batch_size=None)
+    unit = UNIT(stop_tolerance=0.02, **params)
+    unit(model, clean, progress=False)
+    r = unit.report
+    regs = [h["reg"] for h in r["history"]]
+    assert all(0 < 1 - b / a < 0.02 for a, b in zip(regs, regs[1:4]))  # every early step is under the tolerance
+    assert r["stop_reason"] == "step_cap" and r["steps_run"] == 15
+    unit = UNIT(stop_tolerance=0.2, **params)
+    unit(model, clean, progress=False)
+    assert unit.report["stop_reason"] == "budget" and unit.report["steps_run"] == 4

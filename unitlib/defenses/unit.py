@@ -288,8 +288,10 @@ class UNIT(Defense):
     - ``batch_size``: images of the optimise split per step, in a shuffled cycle (``None``: all of them, one full
       batch per step, as the official code).
     - ``early_stop``, ``settle``, ``stop_patience``: stop when the kept bounds' validation accuracy is within
-      ``settle`` above the threshold and ``stop_patience`` validations in a row have not lowered the regulariser
-      of the kept bounds by more than ``stop_tolerance`` (relative). Otherwise the run ends at ``steps`` and the
+      ``settle`` above the threshold and the last ``stop_patience`` validations together have not lowered the
+      regulariser of the kept bounds by more than ``stop_tolerance`` (relative). Together: while alpha is still
+      small the regulariser falls by well under ``stop_tolerance`` a step, and bounds that start within ``settle``
+      of the threshold would otherwise end the run before alpha grows. Otherwise the run ends at ``steps`` and the
       report says so (``stop_reason``: ``step_cap``) and how far above the threshold the kept bounds were.
     - ``init_std``: bounds start at mean + init_std * std of clean activations.
     - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser (start,
@@ -473,7 +475,9 @@ class UNIT(Defense):
         order, cursor = torch.randperm(n, generator=gen), 0
         history: list[dict[str, float]] = [{"step": 0, "ce": float("nan"), "reg": reg0, "val_acc": acc0,
                                            "alpha": cost.value}]
-        stalled, stop_reason, step = 0, "step_cap", 0
+        # the kept bounds' regulariser after each validation: the stopping rule compares it across a window
+        kept_regs: list[float] = [best_reg]
+        stop_reason, step = "step_cap", 0
         bar = tqdm(range(1, self.steps + 1), desc="unit", unit="step", disable=not progress)
         for step in bar:
             if batch >= n:
@@ -510,15 +514,15 @@ class UNIT(Defense):
             alpha = cost.value
             history.append({"step": step, "ce": ce_total, "reg": reg_now, "val_acc": acc, "alpha": alpha})
             bar.set_postfix(ce=f"{ce_total:.3f}", reg=f"{reg_now:.3f}", acc=f"{acc:.3f}", alpha=f"{alpha:.1e}")
-            improved = acc >= threshold and reg_now < best_reg * (1 - self.stop_tolerance)
             if acc >= threshold and reg_now < best_reg:
                 best_reg, best, best_step, best_acc = reg_now, snapshot(), step, acc
             if acc > fallback_acc:
                 fallback_acc, fallback, fallback_step = acc, snapshot(), step
-            stalled = 0 if improved else stalled + 1
+            kept_regs.append(best_reg)
             cost.update(acc >= threshold)
-            if (self.early_stop and best is not None and best_acc - threshold <= self.settle
-                    and stalled >= self.stop_patience):
+            stalled = (len(kept_regs) > self.stop_patience
+                       and not best_reg < kept_regs[-1 - self.stop_patience] * (1 - self.stop_tolerance))
+            if self.early_stop and best is not None and best_acc - threshold <= self.settle and stalled:
                 stop_reason = "budget"
                 break
         bar.close()
