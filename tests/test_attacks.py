@@ -17,6 +17,11 @@ TINY = {
     "ia": dict(generator_width=2, mask_epochs=1, mask_size=None),
     "dynamic": dict(),
     "lira": dict(generator_width=4),
+    "issba": dict(secret_length=8, encoder_width=4, encoder_epochs=1, secret_only_epochs=1, encoder_size=64),
+    "dfst": dict(generator_width=4, generator_blocks=0, style_steps=10, detox_rounds=1, detox_epochs=1,
+                 detox_size=32, surrogate_epochs=1, surrogate_width=4, surrogate_size=None),
+    "combat": dict(surrogate_epochs=1, surrogate_width=8, surrogate_size=None, generator_width=4, generator_epochs=2,
+                   batch_size=64),
 }
 
 
@@ -111,7 +116,7 @@ def test_blend_is_a_convex_combination():
 
 def test_bad_input_errors():
     names = sorted(attacks.ATTACKS)
-    assert {"badnets", "dynamic", "ia", "lira", "refool", "wanet"} <= set(names)
+    assert {"badnets", "combat", "dfst", "dynamic", "ia", "issba", "lira", "refool", "wanet"} <= set(names)
     with pytest.raises(ValueError, match=re.escape(f"unknown attack 'wanet2'; valid choices: {', '.join(names)}")):
         attacks.get("wanet2")
     with pytest.raises(ValueError, match="poison_rate must be in \\[0, 1\\], got 1.5"):
