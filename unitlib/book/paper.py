@@ -80,10 +80,11 @@ DEFENSES: dict[str, tuple[str, ...]] = {
 # Poisoning rates (fractions of the training set) for the attacks that cannot use the appendix's fixed 10% (A.1),
 # keyed by the appendix's names. Clean-label attacks only poison target-class images, a tenth of CIFAR-10: at 10%
 # every one of them would be poisoned and the defender's clean split would hold none; the UNIT authors' companion
-# code poisons Reflection and SIG at 8%, and CL is given the same. Adap-Blend and NARCISSUS are low-rate attacks by
-# design: their own papers' rates (0.3% and 0.05%).
+# code poisons Reflection and SIG at 8%, and CL and COMBAT are given the same. Adap-Blend and NARCISSUS are
+# low-rate attacks by design: their own papers' rates (0.3% and 0.05%).
 POISON_RATES: dict[str, float] = {
     "CL": 0.08,
+    "COMBAT": 0.08,
     "Reflection": 0.08,
     "SIG": 0.08,
     "Adap-Blend": 0.003,
