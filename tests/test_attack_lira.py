@@ -103,38 +103,13 @@ def test_generator_gets_gradients_in_stage_one_and_is_frozen_in_stage_two():
     assert atk.prepared
 
 
-def test_training_interrupted_at_the_stage_boundary_resumes_the_same_generator(tmp_path, monkeypatch):
-    from unitlib import train
-    from unitlib.train import Recipe, fit
+def test_training_interrupted_at_the_stage_boundary_resumes_the_same_generator(generator_resumes):
+    from unitlib.train import Recipe
 
     x, y = _data(96)
     recipe = Recipe(epochs=4, batch_size=32, lr=0.05, schedule="onecycle")  # 12 steps: stage II from step 6
-
-    def run(checkpoint):
-        atk = attacks.get("lira", generator_lr=1e-2, **TINY)
-        atk.prepare(x, y)
-        torch.manual_seed(0)
-        model = models.build("small-cnn", width=4, num_classes=10)
-        fit(model, x, y, recipe, seed=1, progress=False, channels_last=False, checkpoint=checkpoint,
-            hook=atk.hook(y))
-        return atk.networks["gen"].state_dict()
-
-    reference = run(tmp_path / "ref.safetensors")
-    real_save, calls = train._save_checkpoint, []
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:  # after epoch 2, the last of stage I
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "run.safetensors")
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
-    resumed = run(tmp_path / "run.safetensors")
-    for k, v in reference.items():
-        assert torch.allclose(v.float(), resumed[k].float(), atol=1e-5), k
+    # killed after epoch 2, the last of stage I
+    generator_resumes(lambda: attacks.get("lira", generator_lr=1e-2, **TINY), x, y, recipe, kill_after=2)
 
 
 def test_short_joint_training_changes_the_generator():

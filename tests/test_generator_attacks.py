@@ -176,37 +176,10 @@ def test_smoke_run_plants_the_backdoor_and_the_cached_generator_reloads(name):
     assert evaluate(again.model, again.dataset.x_test, again.dataset.y_test, again.attack, device="cpu") == first
 
 
-def test_interrupted_joint_training_resumes_the_generator_too(tmp_path, monkeypatch):
-    from unitlib import models, train
-
+def test_interrupted_joint_training_resumes_the_generator_too(generator_resumes):
     x, y = _data(96)
-    recipe = Recipe(epochs=3, batch_size=32, lr=0.05, schedule="onecycle")
-
-    def run(checkpoint):
-        atk = attacks.get("ia", **TINY["ia"])
-        atk.prepare(x, y)
-        torch.manual_seed(0)
-        model = models.build("small-cnn", width=4, num_classes=10)
-        fit(model, x, y, recipe, seed=1, progress=False, channels_last=False, checkpoint=checkpoint,
-            hook=atk.hook(y))
-        return atk.networks["gen"].state_dict()
-
-    reference = run(tmp_path / "ref.safetensors")
-    real_save, calls = train._save_checkpoint, []
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "run.safetensors")
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
-    resumed = run(tmp_path / "run.safetensors")
-    for k, v in reference.items():
-        assert torch.allclose(v.float(), resumed[k].float(), atol=1e-5), k
+    generator_resumes(lambda: attacks.get("ia", **TINY["ia"]), x, y,
+                      Recipe(epochs=3, batch_size=32, lr=0.05, schedule="onecycle"))
 
 
 def test_gallery_draws_the_generator_attacks():

@@ -45,7 +45,7 @@ def test_fit_learns():
     assert acc > 0.9
 
 
-def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_model(tmp_path, killed_after_saves):
     x, y = _toy(128)
     recipe = Recipe(epochs=3, batch_size=32, lr=0.05, schedule="onecycle")
 
@@ -55,19 +55,8 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
 
     reference = fit(fresh(), x, y, recipe, seed=1, progress=False, checkpoint=tmp_path / "ref.safetensors")
 
-    real_save, calls = train._save_checkpoint, []
-
-    def save_then_die(*args, **kw):
-        real_save(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
     ckpt = tmp_path / "run.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        fit(fresh(), x, y, recipe, seed=1, progress=False, checkpoint=ckpt)
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    killed_after_saves(2, lambda: fit(fresh(), x, y, recipe, seed=1, progress=False, checkpoint=ckpt))
     other_init = models.build("small-cnn", width=4, num_classes=2)  # resumed weights must come from the file
     resumed = fit(other_init, x, y, recipe, seed=1, progress=False, checkpoint=ckpt)
     for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
