@@ -46,8 +46,8 @@ def _tripwire(*args, **kwargs):
 def one_thread():
     """One intra-op thread, so the planted model and the defenses' smoke runs are the same on every machine. The
     budgets must pass with two threads as well (unitlib.defenses states each one's margin over seeds and thread
-    counts): with two threads, I-BAU left ASR 0.52 on this planted model (a thin margin, stated here rather than
-    hidden)."""
+    counts, from benchmarks/smoke_margins.py): the thinnest is ANP's, ASR 0.39 on this planted model with two
+    threads against the bar of 0.4 (0.00 with one), stated here rather than hidden."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -34,8 +34,10 @@ from .unit import UNIT, BoundedModel
 # - FP: ASR <= 0.05, accuracy >= 0.70 (batch 32 and 8 epochs; at batch 128 and 3 epochs, ASR 0.51-0.92 on three
 #   runs: 80% of the last map pruned leaves the backdoor on some seeds, and three SGD steps an epoch do not remove it).
 # - FST: ASR <= 0.02, accuracy >= 0.92 (batch 32; at batch 128, ASR 0.52 on one run).
-# - Not yet seed- and thread-robust: ANP ASR up to 0.56 (1 of 12 runs fail), I-BAU 0.52 (2 of 12, one of them the
-#   tests' own seed-0 model with two threads).
+# - ANP: ASR <= 0.39, accuracy >= 0.71 (alpha 0.2, the official default; the worst run is the tests' own seed-0
+#   model with two threads, 0.00 with one). At alpha 0.05 one run left 0.56; 200 iterations left 0.56-1.00 on three
+#   runs (more iterations lift the masks above the pruning threshold); threshold 0.7 cost accuracy (0.37 on one run).
+# - I-BAU: ASR <= 0.23, accuracy >= 0.83 (4 rounds; at 2 rounds, ASR 0.52 and 0.40 on two runs with two threads).
 # - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
 #   momentum, peaks of 0.5-1.0 either left the backdoor on one seed or cost half the accuracy on another).
