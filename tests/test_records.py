@@ -67,7 +67,8 @@ def _meets_the_bar(rec) -> bool:
     return after["asr"] <= 0.10 and before["clean_acc"] - after["clean_acc"] <= 0.03
 
 
-ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus")
+ZOO = ("badnets", "blend", "trojan", "cl", "refool", "sig", "wanet", "instagram", "adap-blend", "narcissus",
+       "ia", "dynamic", "lira", "issba", "dfst", "combat")
 
 
 def _book_attack_params(attack: str) -> dict:
@@ -121,6 +122,8 @@ def _clean_accuracy(rec):
 
 ZOO_SHORTFALL: dict[str, str] = {
     "sig": "at the UNIT authors' 8% the resnet-mini model reaches 86.01% ASR (seed 0), under the 90% bar",
+    "ia": "at 10% with the cpu budget (8 epochs of joint training, generator width 16) the model reaches 86.69% ASR "
+          "(seed 0), under the 90% bar",
 }
 
 
