@@ -95,6 +95,8 @@ UNIT_SHORTFALL: dict[str, str] = {
              "(the defender's validation images are training images)",
     "instagram": "the filter's activations exceed the kept bounds only 0.6-2.3x as often as clean images' do; ASR "
                  "64.87% at the 2% budget, 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
+    "combat": "its low-frequency trigger is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
+              "0.90-1.27x as often as clean ones in every bound point; ASR 43.00% at the 2% budget, 36.04% at 5%",
 }
 
 
@@ -126,6 +128,8 @@ ZOO_SHORTFALL: dict[str, str] = {
           "(seed 0), under the 90% bar",
     "lira": "99.77% ASR at 82.15% clean accuracy (seed 0), 2.40 points under the clean model trained the same way "
             "(84.55%): the 2-point bar is missed by 0.40",
+    "combat": "79.06% ASR at 8% (seed 0; the cpu budget trains its generator 10 epochs at width 16 where the authors "
+              "train 200 at width 64; the appendix's own COMBAT reaches 88.74%)",
 }
 
 
