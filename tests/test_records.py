@@ -97,6 +97,9 @@ UNIT_SHORTFALL: dict[str, str] = {
                  "64.87% at the 2% budget, 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
     "combat": "its low-frequency trigger is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
               "0.90-1.27x as often as clean ones in every bound point; ASR 43.00% at the 2% budget, 36.04% at 5%",
+    "issba": "the encoder's residual is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
+             "1.01-1.48x as often as clean ones, point by point; ASR 77.88% at the 2% budget, 74.97% with bounds on "
+             "the first two points only, 88.91% on the last four",
 }
 
 
