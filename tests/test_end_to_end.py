@@ -54,6 +54,11 @@ def test_second_run_reuses_the_cached_model(runs):
     # the undefended model's metrics are measured once per model file and reused
     assert first.provenance["before_from_cache"] is False and second.provenance["before_from_cache"] is True
     assert second.seconds["train"] < first.seconds["train"]
+    # the defense sees the same model whether it was just trained or read from the cache, so a record can be
+    # re-made: the model just trained is channels-last, and that rounding alone moved UNIT's kept step
+    assert second.metrics["after"] == first.metrics["after"]
+    assert second.report["best_step"] == first.report["best_step"]
+    assert second.report["reg_kept"] == first.report["reg_kept"]
 
 
 def test_saved_undefended_metrics_are_only_reused_for_the_same_model_file(tmp_path, monkeypatch):

@@ -74,7 +74,10 @@ def backdoored_model(
         "code_version": results.code_version(), "compile": compile,
     })
     checkpoint.unlink(missing_ok=True)
-    return model.eval(), None
+    # Hand on the model as every later run gets it, read back from the cache: training leaves it channels-last, and
+    # the float rounding of another memory format is enough to move a defense's discrete decisions (UNIT's kept step
+    # on one `cpu` DFST model: 28.04% ASR on the model just trained, 69.30% on the same weights from the cache).
+    return results.load_model(build_model(exp, dataset), path).to(device).eval(), None
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead")
