@@ -100,6 +100,9 @@ UNIT_SHORTFALL: dict[str, str] = {
     "issba": "the encoder's residual is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
              "1.01-1.48x as often as clean ones, point by point; ASR 77.88% at the 2% budget, 74.97% with bounds on "
              "the first two points only, 88.91% on the last four",
+    "dfst": "ASR 28.04% at the 2% budget (69.30% in a rerun on the same weights read from the cache, where the "
+            "budget bound 11 steps earlier); under the rerun's bounds its styled images exceed them 0.72-1.67x as "
+            "often as clean ones in the first nine points, 3.81x in the last; a 5% budget leaves 10.99% (79.11)",
 }
 
 
