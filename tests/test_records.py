@@ -87,7 +87,7 @@ def _default_unit(attack: str, seed: int = 0):
 # Where UNIT's defaults miss the bar at `cpu` (ASR <= 10% within 3 points of test accuracy, seed 0), and the
 # measured reason. Strict xfails: the day a record meets the bar, the test fails until the entry is removed.
 UNIT_SHORTFALL: dict[str, str] = {
-    "refool": "the companion recipe's fixed reflection plants (99.08% ASR); UNIT's defaults leave 51.04% at the 2% "
+    "refool": "the companion recipe's fixed reflection plants (99.08% ASR); UNIT's defaults leave 53.69% at the 2% "
               "budget (measured: see the closing note of the UNIT-fidelity issue)",
     "narcissus": "the trigger is not abnormal where UNIT looks: ASR 98.39% at the 2% budget (measured with "
                  "unit.exceedance and looser budgets in the closing note of the UNIT-fidelity issue)",
@@ -96,13 +96,12 @@ UNIT_SHORTFALL: dict[str, str] = {
     "instagram": "the filter's activations exceed the kept bounds only 0.6-2.3x as often as clean images' do; ASR "
                  "64.87% at the 2% budget, 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
     "combat": "its low-frequency trigger is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
-              "0.90-1.27x as often as clean ones in every bound point; ASR 43.00% at the 2% budget, 36.04% at 5%",
+              "0.90-1.27x as often as clean ones in every bound point; ASR 43.09% at the 2% budget, 36.04% at 5%",
     "issba": "the encoder's residual is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
-             "1.01-1.48x as often as clean ones, point by point; ASR 77.88% at the 2% budget, 74.97% with bounds on "
+             "1.01-1.48x as often as clean ones, point by point; ASR 80.84% at the 2% budget, 74.97% with bounds on "
              "the first two points only, 88.91% on the last four",
-    "dfst": "ASR 28.04% at the 2% budget (69.30% in a rerun on the same weights read from the cache, where the "
-            "budget bound 11 steps earlier); under the rerun's bounds its styled images exceed them 0.72-1.67x as "
-            "often as clean ones in the first nine points, 3.81x in the last; a 5% budget leaves 10.99% (79.11)",
+    "dfst": "ASR 69.30% at the 2% budget; under the kept bounds its styled images exceed them 0.72-1.67x as often "
+            "as clean ones in the first nine points, 3.81x in the last; a 5% budget leaves 10.99% (79.11)",
 }
 
 
