@@ -276,6 +276,29 @@ def test_a_cell_that_stops_the_notebook_fails_its_exercise_only(fixture_lab, tmp
     assert "SyntaxError" in grade.results[1].message and "SyntaxError" in grade.stopped
 
 
+def test_cell_timeout_is_the_profiles_unless_given():
+    assert notebooks.cell_timeout("smoke") == notebooks.DEFAULT_TIMEOUT
+    # a `cpu` cell may train a backdoored model: far longer than a smoke cell may take
+    assert notebooks.cell_timeout("cpu") >= 3600 > notebooks.cell_timeout("smoke")
+    assert notebooks.cell_timeout("cpu", 5) == 5
+    with pytest.raises(ValueError, match="'gpu'; valid choices: smoke, cpu, paper"):
+        notebooks.cell_timeout("gpu")
+    with pytest.raises(ValueError, match="positive"):
+        notebooks.cell_timeout("smoke", 0)
+
+
+def test_a_cell_past_its_timeout_stops_the_notebook(fixture_lab, tmp_path):
+    copy = tmp_path / "slow.ipynb"
+    nb = notebooks.reference(fixture_lab)
+    for cell in nb.cells:
+        if cell.metadata.get("unitlib_exercise") == "fx-double":
+            cell.source = "import time\ntime.sleep(60)\n" + cell.source
+    nbformat.write(nb, copy)
+    grade = notebooks.grade(copy, timeout=3)
+    assert grade.seconds < 50 and grade.stopped is not None, grade.lines()
+    assert "timeout" in grade.stopped.lower() or "timed out" in grade.stopped.lower(), grade.stopped
+
+
 def test_cli_check_exit_codes_and_json(fixture_lab, tmp_path, capsys):
     copy = tmp_path / "student.ipynb"
     assert cli.main(["strip", str(fixture_lab), "-o", str(copy)]) == 0

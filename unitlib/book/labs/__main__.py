@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="execute notebooks at the smoke profile and report each exercise")
     c.add_argument("notebooks", nargs="+", help="students' .ipynb files (or a lab's .md: its reference)")
     c.add_argument("--profile", default="smoke", help="the profile to execute at (default: smoke)")
-    c.add_argument("--timeout", type=int, default=notebooks.DEFAULT_TIMEOUT, help="seconds per cell")
+    c.add_argument("--timeout", type=int, default=None,
+                   help="seconds per cell (default: 900 at smoke, 3 hours at cpu, 12 at paper)")
     c.add_argument("--json", help="also write every result to this JSON file (for a grade book)")
     c.add_argument("--keep", help="folder to keep the executed notebooks in")
     t = sub.add_parser("time", help="execute the reference labs and record their seconds")
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--profile", default="smoke")
     t.add_argument("--threads", type=int, default=None, help="torch threads in the kernels (default: torch's)")
     t.add_argument("--out", default=str(timing.TIMINGS), help="the JSON file to update")
+    t.add_argument("--timeout", type=int, default=None,
+                   help="seconds per cell (default: 900 at smoke, 3 hours at cpu, 12 at paper)")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         names = args.labs or [lab.name for lab in LABS]
         for name in names:
             get(name)
-        timing.measure(names, profile=args.profile, threads=args.threads, out=Path(args.out), log=print)
+        timing.measure(names, profile=args.profile, threads=args.threads, out=Path(args.out), log=print,
+                       timeout=args.timeout)
         return 0
     return 2
 

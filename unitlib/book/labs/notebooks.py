@@ -29,6 +29,20 @@ METADATA = "unitlib_lab"  # notebook metadata: the lab's name and its exercises 
 CELL_METADATA = "unitlib_exercise"  # a solution code cell's metadata: the exercise it answers
 STUDENT_ONLY_DROP = "remove-student"  # a cell with this tag is left out of the student's copy (e.g. a download link)
 DEFAULT_TIMEOUT = 900  # seconds per cell when grading: generous for the smoke profile on a busy laptop, finite
+# Seconds per cell at each profile: a `cpu` cell may train a backdoored model (5-15 minutes on two cores), a `paper`
+# cell several on a GPU. Finite, so nothing hangs.
+PROFILE_TIMEOUTS = {"smoke": DEFAULT_TIMEOUT, "cpu": 3 * 3600, "paper": 12 * 3600}
+
+
+def cell_timeout(profile: str, timeout: int | None = None) -> int:
+    """Seconds a cell may run when grading at ``profile``: ``timeout`` when given, else the profile's own."""
+    if timeout is not None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return timeout
+    if profile not in PROFILE_TIMEOUTS:
+        raise ValueError(f"unknown profile {profile!r}; valid choices: {', '.join(PROFILE_TIMEOUTS)}")
+    return PROFILE_TIMEOUTS[profile]
 
 _FENCE = re.compile(r"^(?P<ticks>`{3,})\{(?P<name>[\w-]+)\}[ \t]*(?P<arg>.*)$")
 _ROLE = re.compile(r"\{(?P<role>[\w:-]+)\}`(?P<content>[^`]*)`")
@@ -332,11 +346,14 @@ def execute(nb, out: str | os.PathLike, *, parameters: dict[str, Any] | None = N
                                report_mode=False)
 
 
-def grade(path: str | os.PathLike, *, profile: str = "smoke", timeout: int = DEFAULT_TIMEOUT,
+def grade(path: str | os.PathLike, *, profile: str = "smoke", timeout: int | None = None,
           out: str | os.PathLike | None = None) -> Grade:
     """Execute the lab notebook at ``path`` (a student's ``.ipynb``, or a lab's ``.md`` source, graded as its
-    reference) at ``profile`` and report each exercise. The executed notebook goes to ``out`` when given."""
+    reference) at ``profile`` and report each exercise. A cell may run ``timeout`` seconds (default: the profile's,
+    :data:`PROFILE_TIMEOUTS`). The executed notebook goes to ``out`` when given."""
     import nbformat
+
+    timeout = cell_timeout(profile, timeout)
 
     path = Path(path)
     nb = reference(path) if path.suffix == ".md" else read(path)

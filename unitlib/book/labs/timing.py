@@ -27,10 +27,12 @@ REGULARISED_TRAINING = 3.0
 
 
 def measure(names: Iterable[str], *, profile: str = "smoke", threads: int | None = None, out: Path = TIMINGS,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Execute each lab's reference at ``profile`` as a student's first run would (an empty model cache, so every
-    backdoored model is trained) and record its wall-clock seconds and whether every exercise passed, in ``out``
-    under ``profile``, with the machine and code version."""
+            log: Callable[[str], None] = print, timeout: int | None = None) -> dict[str, Any]:
+    """Execute each lab's reference at ``profile`` and record its wall-clock seconds and whether every exercise
+    passed, in ``out`` under ``profile``, with the machine and code version. At ``smoke`` each lab starts from an
+    empty cache, as a student's first run does (every backdoored model is trained); at other profiles the data and
+    model caches are used as found (a lab's own attacks and settings are trained either way; the book's shared models
+    are loaded when present). A cell may run ``timeout`` seconds (default: the profile's)."""
     from .notebooks import grade
 
     saved = {k: os.environ.get(k) for k in ("UNITLIB_CACHE", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -43,7 +45,7 @@ def measure(names: Iterable[str], *, profile: str = "smoke", threads: int | None
                 if profile == "smoke":  # nothing to decode at smoke: start from nothing, as a student does
                     os.environ["UNITLIB_CACHE"] = cache
                 start = time.perf_counter()
-                g = grade(get(name).path, profile=profile)
+                g = grade(get(name).path, profile=profile, timeout=timeout)
                 seconds = time.perf_counter() - start
             entry["labs"][name] = {"seconds": round(seconds, 1), "passed": g.passed, "counts": g.counts()}
             log(f"{name}: {seconds:.1f} s at {profile}, {'all passed' if g.passed else g.counts()}")
