@@ -168,3 +168,18 @@ def test_book_cli_parses_parameters():
     assert book_cli._value("smoke") == "smoke"
     with pytest.raises(ValueError, match="valid"):
         build.execute("nope")
+
+
+def test_lowest_asr_at_comparable_accuracy_judges_each_attack():
+    rows = [("A", "No Defense", 90.0, 100.0), ("A", "FST", 88.0, 5.0), ("A", "CLP", 84.0, 0.0), ("A", "UNIT", 87.0, 2.0),
+            ("B", "FST", 88.0, 5.0), ("B", "UNIT", 85.0, 1.0),          # UNIT lowest ASR, but 3 points less accurate
+            ("C", "FST", 88.0, 1.0), ("C", "UNIT", 88.5, 4.0),          # comparable, a baseline's ASR is lower
+            ("D", "UNIT", 80.0, 1.0), ("D", "FST", float("nan"), float("nan"))]
+    df = pd.DataFrame(rows, columns=["attack", "defense", "ours acc", "ours asr"])
+    out = report.lowest_asr_at_comparable_accuracy(df).set_index("attack")
+    assert out["verdict"].to_dict() == {"A": "yes", "B": "no", "C": "no", "D": "incomplete"}
+    # CLP (84.0) is 4 points under FST, the most accurate baseline: its 0% ASR is not at comparable accuracy
+    assert out.loc["A", "lowest ASR among comparable"] == "FST (5.00)"
+    assert not out.loc["B", "UNIT comparable"] and out.loc["C", "UNIT comparable"]
+    with pytest.raises(ValueError, match="within"):
+        report.lowest_asr_at_comparable_accuracy(df, within=-1)

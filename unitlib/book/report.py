@@ -542,6 +542,39 @@ def summary(df: pd.DataFrame, *, what: str) -> str:
     return " ".join(lines)
 
 
+def lowest_asr_at_comparable_accuracy(df: pd.DataFrame, *, group: str = "attack", reference: str = "UNIT",
+                                      within: float = 2.0) -> pd.DataFrame:
+    """The paper's claim for Table 3, checked on our numbers: per ``group`` (attack), does ``reference`` have the
+    lowest ASR among the defenses whose clean accuracy is within ``within`` points of the most accurate baseline's?
+
+    One row per group: the most accurate baseline, the baselines comparable to it, the one of them with the lowest
+    ASR, ``reference``'s accuracy and ASR, and the verdict (``yes``, ``no``, or ``incomplete`` where ``reference`` or
+    every baseline lacks our number). ``No Defense`` rows are not defenses and are left out."""
+    if within < 0:
+        raise ValueError(f"within must be >= 0 points, got {within!r}")
+    rows = []
+    for key, g in df.groupby(group, sort=False):
+        g = g[g["defense"] != "No Defense"].dropna(subset=["ours acc", "ours asr"])
+        ref, base = g[g["defense"] == reference], g[g["defense"] != reference]
+        r_acc = float(ref["ours acc"].iloc[0]) if len(ref) else np.nan
+        r_asr = float(ref["ours asr"].iloc[0]) if len(ref) else np.nan
+        row: dict[str, Any] = {group: key, "baselines with ours": len(base), f"{reference} acc": r_acc,
+                               f"{reference} asr": r_asr}
+        if ref.empty or base.empty:
+            rows.append({**row, "most accurate baseline": "", "lowest ASR among comparable": "",
+                         f"{reference} comparable": None, "verdict": "incomplete"})
+            continue
+        best = base.loc[base["ours acc"].idxmax()]
+        comparable = base[base["ours acc"] >= best["ours acc"] - within]
+        low = comparable.loc[comparable["ours asr"].idxmin()]
+        comparable_ref = r_acc >= best["ours acc"] - within
+        rows.append({**row, "most accurate baseline": f"{best['defense']} ({best['ours acc']:.2f})",
+                     "lowest ASR among comparable": f"{low['defense']} ({low['ours asr']:.2f})",
+                     f"{reference} comparable": bool(comparable_ref),
+                     "verdict": "yes" if comparable_ref and r_asr <= low["ours asr"] else "no"})
+    return pd.DataFrame(rows)
+
+
 def timings(directory: str | Path | None = None) -> pd.DataFrame:
     """The measured seconds of every record in ``directory`` (default: the committed ``results/``): training, the
     defense, and where it ran."""
