@@ -183,3 +183,15 @@ def test_lowest_asr_at_comparable_accuracy_judges_each_attack():
     assert not out.loc["B", "UNIT comparable"] and out.loc["C", "UNIT comparable"]
     with pytest.raises(ValueError, match="within"):
         report.lowest_asr_at_comparable_accuracy(df, within=-1)
+
+
+def test_grid_spread_is_max_minus_min_over_the_reproduced_points():
+    R, N = report.REPRODUCED, "not yet reproduced: not run at cpu"
+    grid = pd.DataFrame([("UNIT", 80.0, 2.0, R), ("FP", 82.0, 90.0, R), ("FP", 70.0, 10.0, R), ("FP", None, None, N)],
+                        columns=["defense", "ours acc", "ours asr", "status"])
+    out = report.grid_spread({"FP": grid}).iloc[0]
+    assert out["grid points"] == "2 of 3"
+    assert out["acc spread"] == 12.0 and out["asr spread"] == 80.0 and out["asr min"] == 10.0
+    assert out["UNIT acc"] == 80.0 and out["UNIT asr"] == 2.0
+    empty = report.grid_spread({"NAD": grid[grid.defense != "FP"]}).iloc[0]
+    assert empty["grid points"] == "0 of 0" and pd.isna(empty["acc spread"])

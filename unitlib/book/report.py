@@ -605,6 +605,28 @@ def sensitivity_view(grid: pd.DataFrame, baseline: str) -> tuple[str, str, dict[
     return p1, p2, unit, rows.reset_index(drop=True)
 
 
+def grid_spread(grids: dict[str, pd.DataFrame], reference: str = "UNIT") -> pd.DataFrame:
+    """A.3's question in one table: how far each baseline's clean accuracy and ASR swing over its parameter grid
+    (max - min over the grid points with our numbers), beside ``reference``'s accuracy and ASR on the same model.
+    ``grids`` maps a baseline's name to its comparison table (:func:`unitlib.book.appendix.sensitivity`,
+    :func:`~unitlib.book.appendix.figure11`)."""
+    rows = []
+    for baseline, grid in grids.items():
+        points = grid[grid["defense"] != reference]
+        done = points[points["status"] == REPRODUCED]
+        ref = grid[(grid["defense"] == reference) & (grid["status"] == REPRODUCED)]
+        row: dict[str, Any] = {"baseline": baseline, "grid points": f"{len(done)} of {len(points)}"}
+        for metric in ("acc", "asr"):
+            values = done[f"ours {metric}"]
+            row[f"{metric} min"] = float(values.min()) if len(values) else np.nan
+            row[f"{metric} max"] = float(values.max()) if len(values) else np.nan
+            row[f"{metric} spread"] = float(values.max() - values.min()) if len(values) else np.nan
+        row[f"{reference} acc"] = float(ref["ours acc"].iloc[0]) if len(ref) else np.nan
+        row[f"{reference} asr"] = float(ref["ours asr"].iloc[0]) if len(ref) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _changes(config: dict[str, Any]) -> str:
     """What a record's experiment sets differently from its profile (besides the attack and the defense)."""
     try:
