@@ -37,6 +37,8 @@ from .unit import UNIT, BoundedModel
 # - ANP: ASR <= 0.39, accuracy >= 0.71 (alpha 0.2, the official default; the worst run is the tests' own seed-0
 #   model with two threads, 0.00 with one). At alpha 0.05 one run left 0.56; 200 iterations left 0.56-1.00 on three
 #   runs (more iterations lift the masks above the pruning threshold); threshold 0.7 cost accuracy (0.37 on one run).
+#   The margin to the 0.4 bar is thin (0.01) and no setting screened widens it: threshold 0.65 left the same 0.39;
+#   eps 0.5 left 0.39 on another run; eps 0.6 cost accuracy (0.42); alpha 0.1 left 0.74, mask lr 0.4 left 1.00.
 # - I-BAU: ASR <= 0.23, accuracy >= 0.83 (4 rounds; at 2 rounds, ASR 0.52 and 0.40 on two runs with two threads).
 # - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
