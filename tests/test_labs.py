@@ -412,3 +412,20 @@ def test_cpu_estimate_adds_the_stages_of_a_labs_work():
 def test_stage_seconds_refuses_to_estimate_without_records(tmp_path):
     with pytest.raises(ValueError, match="no cpu record"):
         timing.stage_seconds("cpu", tmp_path)
+
+
+def test_overview_uses_measured_minutes_and_explains_estimates_only_when_any_is_left(tmp_path):
+    names = [lab.name for lab in catalogue.LABS]
+    prov = {"cpu": "x", "threads": 2, "load": 1.0, "code_version": "abc", "created": "2026-01-01T00:00:00Z"}
+    entry = {"provenance": prov, "labs": {n: {"seconds": 60.0 * (i + 1), "passed": True} for i, n in enumerate(names)}}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps({"cpu": entry}))
+    df = timing.overview("cpu", path)
+    assert df["cpu measured"].all() and list(df["cpu (min)"]) == [float(i + 1) for i in range(len(names))]
+    assert "where not measured" not in timing.overview_markdown("cpu", path)
+    del entry["labs"][names[0]]
+    path.write_text(json.dumps({"cpu": entry}))
+    df = timing.overview("cpu", path)
+    assert not df["cpu measured"].iloc[0] and df["cpu measured"].iloc[1:].all()
+    text = timing.overview_markdown("cpu", path)
+    assert "where not measured" in text and "| about " in text
