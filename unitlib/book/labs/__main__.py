@@ -31,6 +31,10 @@ def _source(text: str) -> Path:
     return get(text.removesuffix(".md")).path
 
 
+TIMEOUT_HELP = "seconds per cell (default: " + ", ".join(
+    f"{seconds} at {name}" for name, seconds in notebooks.PROFILE_TIMEOUTS.items()) + ")"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unitlib.book.labs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("notebooks", nargs="+", help="students' .ipynb files (or a lab's .md: its reference)")
     c.add_argument("--profile", default="smoke", help="the profile to execute at (default: smoke)")
     c.add_argument("--timeout", type=int, default=None,
-                   help="seconds per cell (default: 900 at smoke, 3 hours at cpu, 12 at paper)")
+                   help=TIMEOUT_HELP)
     c.add_argument("--json", help="also write every result to this JSON file (for a grade book)")
     c.add_argument("--keep", help="folder to keep the executed notebooks in")
     t = sub.add_parser("time", help="execute the reference labs and record their seconds")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=None, help="torch threads in the kernels (default: torch's)")
     t.add_argument("--out", default=str(timing.TIMINGS), help="the JSON file to update")
     t.add_argument("--timeout", type=int, default=None,
-                   help="seconds per cell (default: 900 at smoke, 3 hours at cpu, 12 at paper)")
+                   help=TIMEOUT_HELP)
     args = parser.parse_args(argv)
 
     if args.command == "list":
