@@ -1,7 +1,7 @@
 """The margins of the baselines' `smoke` budgets: each baseline (with ``SMOKE_PARAMS``) on planted smoke backdoors of
-several seeds, with one and two intra-op threads, against the bars ``tests/test_defenses.py`` checks (ASR after
-<= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5; CLP, which is not expected to remove this backdoor: clean
-accuracy >= 0.8). Float rounding differs between thread counts and CPUs as it does between seeds, so a budget that
+several seeds, with one and two intra-op threads, against the bars ``tests/test_defenses.py`` checks
+(``unitlib.defenses.SMOKE_BARS``: ASR after <= 0.4, ASR lowered by >= 0.5, clean accuracy >= 0.5; ANP's ASR <= 0.6,
+lowered by >= 0.3; CLP, which is not expected to remove this backdoor: clean accuracy >= 0.8). Float rounding differs between thread counts and CPUs as it does between seeds, so a budget that
 passes on every seed and thread count here has a margin the tests can rely on.
 A planted model that misses the test's own bars for a backdoored model (ASR >= 0.9, clean accuracy >= 0.8) carries no
 backdoor to remove: its rows are kept, marked ``backdoored: false``, and left out of the summary.
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unitlib import config, data, metrics, results  # noqa: E402
-from unitlib.defenses import SMOKE_PARAMS, CleanSplit, get  # noqa: E402
+from unitlib.defenses import SMOKE_BARS, SMOKE_PARAMS, CleanSplit, get, meets_smoke_bar  # noqa: E402
 from unitlib.experiment import build_model  # noqa: E402
 from unitlib.train import fit  # noqa: E402
 
@@ -41,10 +41,6 @@ def planted(seed: int) -> dict:
     clean = CleanSplit(ds.x_train[opt], ds.y_train[opt], ds.x_train[val], ds.y_train[val])
     before = metrics.evaluate(model, ds.x_test, ds.y_test, attack)
     return {"model": model.eval(), "clean": clean, "ds": ds, "attack": attack, "before": before}
-
-
-# CLP reads no data and does not remove the smoke backdoor: its test checks for a working model only.
-WORKING_MODEL_ONLY = {"clp"}
 
 
 def backdoored(before: dict) -> bool:
@@ -71,11 +67,7 @@ def main() -> None:
                 row = {"defense": name, "seed": seed, "threads": threads, "before": p["before"], "after": after,
                        "seconds": round(time.perf_counter() - start, 1)}
                 row["backdoored"] = backdoored(p["before"])
-                if name in WORKING_MODEL_ONLY:
-                    row["passes"] = after["clean_acc"] >= 0.8
-                else:
-                    row["passes"] = (after["asr"] <= 0.4 and p["before"]["asr"] - after["asr"] >= 0.5
-                                     and after["clean_acc"] >= 0.5)
+                row["passes"] = meets_smoke_bar(name, p["before"], after)
                 rows.append(row)
                 verdict = ("ok" if row["passes"] else "FAIL") if row["backdoored"] else "no backdoor, left out"
                 print(f"{name:6s} seed {seed} threads {threads}: before asr {p['before']['asr']:.3f}  after "
@@ -89,7 +81,7 @@ def main() -> None:
                          "max_asr_after": max(r["after"]["asr"] for r in mine),
                          "min_acc_after": min(r["after"]["clean_acc"] for r in mine),
                          "max_seconds": max(r["seconds"] for r in mine),
-                         "params": SMOKE_PARAMS[name]}
+                         "params": SMOKE_PARAMS[name], "bar": SMOKE_BARS[name]}
     provenance = results.provenance(torch.device("cpu"))
     for entry in summary.values():
         entry["provenance"] = provenance

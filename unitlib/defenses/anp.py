@@ -19,7 +19,7 @@ affine BatchNorm layer, so any architecture that has them; a model without raise
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ class ANP(Defense):
     rotation: float = 0.0
     flip: bool = True
     seed: int = 0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """After a call: the final mask of every BatchNorm layer's neurons, keyed by layer name."""
 
     def __post_init__(self) -> None:
         check_range("eps", self.eps, 0, 1)
@@ -180,6 +182,7 @@ class ANP(Defense):
         defended = copy_model(model, dev)
         modules = dict(defended.named_modules())
         pruned: dict[str, list[int]] = {}
+        self.masks = {name: p.mask.detach().float().cpu() for (name, _), p in zip(layers, perts, strict=True)}
         with torch.no_grad():
             for (name, _), p in zip(layers, perts, strict=True):
                 idx = torch.nonzero(p.mask.detach() <= self.threshold).flatten()
