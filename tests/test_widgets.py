@@ -71,6 +71,20 @@ def test_compare_labels_ours_and_the_paper_and_lists_gaps(tmp_path):
     assert "Ours: cpu — cifar10-jpeg" in view.to_html() and "measured at" not in view.to_html()
 
 
+def test_seconds_per_defense_are_the_records_own(tmp_path):
+    sec = report.Section(profile="cpu", results_dir=str(tmp_path))
+    cells = [c for c in appendix.table8(sec) if c.attack == "BadNets"]
+    table = sec.compare(cells, log=lambda *a: None)
+    out = sec.seconds(cells).set_index("defense")
+    assert list(out.index) == ["UNIT"]  # Table 8's no-defense column has no defense stage
+    records = {r.key: r for r in (sec.outcome(c).record for c in cells if c.defense == "UNIT") if r is not None}
+    assert out.loc["UNIT", "runs"] == len(records) == (table[table.defense == "UNIT"].status == report.REPRODUCED).sum()
+    secs = [r.seconds["defense"] for r in records.values()]
+    assert out.loc["UNIT", "mean s"] == pytest.approx(sum(secs) / len(secs))
+    assert out.loc["UNIT", "min s"] == min(secs) and out.loc["UNIT", "max s"] == max(secs)
+    assert report.Section(profile="cpu", results_dir=str(tmp_path)).seconds([]).empty
+
+
 def test_unimplemented_cells_say_what_is_missing(monkeypatch):
     from unitlib import attacks
 

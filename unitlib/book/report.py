@@ -273,6 +273,30 @@ class Section:
         return df[order]
 
 
+    def seconds(self, cells: list[Cell]) -> pd.DataFrame:
+        """Per defense, the measured seconds of the defense stage over the records behind ``cells`` (every seed;
+        each record once; no-defense cells and cells without a record left out; nothing is computed): how many runs,
+        their mean, least and most seconds, and the devices they ran on."""
+        index = RecordIndex(self.record_dirs())
+        runs: dict[str, dict[str, store.Record]] = {}
+        for cell in cells:
+            if cell.missing or cell.defense == "No Defense":
+                continue
+            for seed in self.seeds:
+                exp = self.experiment(cell, seed)
+                record = index.lookup(exp)[0] if exp is not None else None
+                if record is not None and record.seconds.get("defense") is not None:
+                    runs.setdefault(cell.defense, {})[record.key] = record
+        rows = []
+        for defense, records in runs.items():
+            secs = [float(r.seconds["defense"]) for r in records.values()]
+            devices = sorted({str(r.provenance.get("device_name") or r.provenance.get("device", "")) for r in
+                              records.values()})
+            rows.append({"defense": defense, "runs": len(secs), "mean s": float(np.mean(secs)),
+                         "min s": float(np.min(secs)), "max s": float(np.max(secs)), "device": ", ".join(devices)})
+        return pd.DataFrame(rows, columns=["defense", "runs", "mean s", "min s", "max s", "device"])
+
+
 class RecordIndex:
     """The records of some folders, looked up by experiment (defended) or by backdoored model (undefended)."""
 
