@@ -85,6 +85,71 @@ def test_seconds_per_defense_are_the_records_own(tmp_path):
     assert report.Section(profile="cpu", results_dir=str(tmp_path)).seconds([]).empty
 
 
+def _a4_tables(unit_asr5=1.0, noisy=(99.0, 5.0, 1.0, 0.5, 0.5)):
+    R = report.REPRODUCED
+    t4 = pd.DataFrame([(a, d, 90.0, 100.0 if d == "No Defense" else 0.5, R) for a in (0, 0.1, 1, 10, 100)
+                       for d in ("No Defense", "UNIT")], columns=["alpha", "defense", "ours acc", "ours asr", "status"])
+    t5 = pd.DataFrame([(p, "No Defense", 92.0, 99.0, 2.5, R) for p in ("0-9", "8-3")]
+                      + [(p, "UNIT", 90.5, unit_asr5, 0.0, R) for p in ("0-9", "8-3")],
+                      columns=["victim-target", "defense", "ours acc", "ours asr", "ours asr_non_victim", "status"])
+    t6 = pd.DataFrame([(n, "No Defense", 92.0, 100.0, v, R) for n, v in zip((0.01, 0.05, 0.1, 0.5, 1), noisy)]
+                      + [(n, "UNIT", 90.0, 1.5, 0.0, R) for n in (0.01, 0.05, 0.1, 0.5, 1)],
+                      columns=["noise level", "defense", "ours acc", "ours asr", "ours asr_noisy", "status"])
+    return t4, t5, t6
+
+
+def test_a4_claims_are_checked_against_the_papers_sentences():
+    out = report.a4_claims(*_a4_tables()).set_index("measures")
+    assert len(out) == len(report.A4_CLAIMS) and set(out.holds) == {"yes"}
+    assert out.loc["max of asr (UNIT)", "paper"].tolist() == [1.07, 4.40, 1.0]  # Tables 4, 5 and 6
+    assert out.loc["mean of acc cost (UNIT)", "ours"] == pytest.approx(1.5)  # 92.0 - 90.5, pair by pair
+    # the noisy trigger is judged at the levels the text names (0.05-1.0), not at 0.01 where it still fires
+    assert out.loc["max of asr_noisy (No Defense)", "ours"] == 5.0
+    # "less than 4.40%" allows no more than 4.40; a noisy trigger at 0.05 that still fires fails "significantly
+    # reduced"
+    t4, t5, t6 = _a4_tables(unit_asr5=4.41, noisy=(99.0, 50.0, 1.0, 0.5, 0.5))
+    out = report.a4_claims(t4, t5, t6).set_index("measures")
+    assert out.loc["max of asr (UNIT)", "holds"].tolist() == ["yes", "no", "yes"]
+    assert out.loc["max of asr_noisy (No Defense)", "holds"] == "no"
+    # a row without our number leaves its claim incomplete, never judged on the rest
+    t5.loc[0, "ours asr_non_victim"] = float("nan")
+    out = report.a4_claims(t4, t5, t6).set_index("measures")
+    assert out.loc["max of asr_non_victim (No Defense)", "holds"] == "incomplete"
+    assert out.loc["max of asr_non_victim (No Defense)", "rows"] == "1 of 2"
+    with pytest.raises(ValueError, match="tolerance"):
+        report.a4_claims(t4, t5, t6, tolerance=-1)
+
+
+def test_a4_claims_hold_on_the_papers_own_tables():
+    """The checks read the sentences as the appendix's own numbers bear them out: fed the paper's Tables 4-6 as ours,
+    every claim holds (and the strictest reading of "less than" would fail Table 4's 1.07 at alpha 0)."""
+    def ours(number, labels, rename):
+        df = paper.table(number)
+        df = df[df.metric.isin(rename)].assign(metric=lambda d: d.metric.map(rename))
+        wide = df.pivot_table(index=list(labels) + ["defense"], columns="metric", values="value").reset_index()
+        return wide.rename(columns=labels).assign(status=report.REPRODUCED)
+    t4 = ours(4, {"alpha": "alpha"}, {"acc": "ours acc", "asr": "ours asr"})
+    t5 = ours(5, {"victim_target": "victim-target"}, {"acc": "ours acc", "asr": "ours asr",
+                                                      "nonvictim_asr_after": "ours asr_non_victim"})
+    t6 = ours(6, {"noise_level": "noise level"}, {"acc": "ours acc", "asr": "ours asr",
+                                                   "noisy_asr_after": "ours asr_noisy"})
+    out = report.a4_claims(t4, t5, t6)
+    assert (out.holds == "yes").all(), out[out.holds != "yes"]
+    assert out.set_index("measures").loc["max of asr (UNIT)", "ours"].tolist()[0] == 1.07
+
+
+def test_compare_adds_a_records_extra_metrics_beside_the_papers(tmp_path):
+    sec = report.Section(profile="cpu", results_dir=str(tmp_path))
+    table = sec.compare(appendix.table5(sec), extra={"asr_non_victim": "nonvictim_asr_after"}, log=lambda *a: None)
+    assert {"ours asr_non_victim", "paper asr_non_victim"} <= set(table.columns)
+    row = table[(table["victim-target"] == "0-9") & (table.defense == "No Defense")].iloc[0]
+    assert row["paper asr_non_victim"] == 2.88
+    done = table[table.status == report.REPRODUCED]
+    assert done["ours asr_non_victim"].notna().all() and table.loc[table.status != report.REPRODUCED,
+                                                                   "ours asr_non_victim"].isna().all()
+    assert "ours asr_non_victim" not in report.label_columns(table)
+
+
 def test_unimplemented_cells_say_what_is_missing(monkeypatch):
     from unitlib import attacks
 

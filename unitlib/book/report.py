@@ -239,9 +239,11 @@ class Section:
                            experiment=exp)
         return Outcome(REPRODUCED, record, dict(record.metrics[which]), experiment=exp)
 
-    def compare(self, cells: list[Cell], *, log=print) -> pd.DataFrame:
+    def compare(self, cells: list[Cell], *, extra: dict[str, str] | None = None, log=print) -> pd.DataFrame:
         """One row per cell: its labels, ours (percent, mean over seeds), the paper's, where each was measured, and
-        the status. Metrics are ``acc`` (clean accuracy) and ``asr``."""
+        the status. Metrics are ``acc`` (clean accuracy) and ``asr``; ``extra`` adds more of a record's metrics,
+        each our metric's key mapped to the paper's name for it (e.g. ``{"asr_non_victim": "nonvictim_asr_after"}``
+        for Table 5), as the columns ``ours <key>`` and ``paper <key>``."""
         index = RecordIndex(self.record_dirs())
         rows = []
         for cell in cells:
@@ -254,6 +256,10 @@ class Section:
                 if len(values) > 1:
                     row[f"ours {metric} std"] = float(np.std(values))
                 row[f"paper {metric}"] = _paper_value(cell, metric)
+            for key, paper_metric in (extra or {}).items():
+                values = [100 * o.metrics[key] for o in done if key in o.metrics]
+                row[f"ours {key}"] = float(np.mean(values)) if values else np.nan
+                row[f"paper {key}"] = _paper_value(cell, paper_metric)
             row["ours: measured at"] = _setting(done[0].record.config) if done else ""
             row["paper: measured at"] = paper.PAPER_SETTING if cell.paper else ""
             if done and len(done) < len(outcomes):
@@ -268,7 +274,8 @@ class Section:
         df = pd.DataFrame(rows)
         std_cols = [c for c in df.columns if c.endswith(" std")]
         label_cols = [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
-        order = label_cols + ["ours acc", "ours asr", *std_cols, "paper acc", "paper asr",
+        extra_cols = [f"{side} {key}" for key in (extra or {}) for side in ("ours", "paper")]
+        order = label_cols + ["ours acc", "ours asr", *std_cols, "paper acc", "paper asr", *extra_cols,
                               "ours: measured at", "paper: measured at", "status"]
         return df[order]
 
@@ -596,6 +603,71 @@ def lowest_asr_at_comparable_accuracy(df: pd.DataFrame, *, group: str = "attack"
                      "lowest ASR among comparable": f"{low['defense']} ({low['ours asr']:.2f})",
                      f"{reference} comparable": bool(comparable_ref),
                      "verdict": "yes" if comparable_ref and r_asr <= low["ours asr"] else "no"})
+    return pd.DataFrame(rows)
+
+
+# The appendix's claims for A.4 (its prose, paper.text_numbers), each checked on one comparison table: the text
+# number's id, the table (4, 5 or 6), the defense whose rows it reads, the column, how the rows are combined, and
+# the direction: "not above" the paper's number (for "less than": the appendix's "less than 1.07%" covers its own
+# Table 4's 1.07 at alpha 0, and "less than 4.40%" Table 5's 4.40), or "at most" or "at least" it give or take
+# A4_TOLERANCE points (for "nearly", "about", "approximately", "from"). Table 5's accuracy cost is No Defense's clean
+# accuracy minus UNIT's, pair by pair. Table 6's "significantly reduced" has no number in the text: ours is held to
+# A4_NOISY_BOUND, above the paper's own worst noisy-trigger ASR at those levels (6.84% at 0.05).
+A4_CLAIMS: tuple[tuple[str, int, str, str, str, str], ...] = (
+    ("t23", 4, "UNIT", "ours asr", "max", "not above"),
+    ("t26", 5, "No Defense", "ours asr", "min", "at least"),
+    ("t25", 5, "No Defense", "ours asr_non_victim", "max", "at most"),
+    ("t28", 5, "UNIT", "ours asr", "max", "not above"),
+    ("t27", 5, "UNIT", "acc cost", "mean", "at most"),
+    ("t33", 6, "No Defense", "ours asr", "min", "at least"),
+    ("t34", 6, "UNIT", "ours asr", "max", "at most"),
+    ("t29", 6, "No Defense", "ours asr_noisy", "max", "at most"),
+)
+A4_TOLERANCE = 1.0
+A4_NOISY_BOUND = 10.0
+
+
+def a4_claims(table4: pd.DataFrame, table5: pd.DataFrame, table6: pd.DataFrame,
+              tolerance: float = A4_TOLERANCE) -> pd.DataFrame:
+    """The appendix's claims for A.4 (:data:`A4_CLAIMS`) checked on our comparison tables (Tables 4, 5 and 6 from
+    :meth:`Section.compare`; 5 with ``extra={"asr_non_victim": ...}``, 6 with ``extra={"asr_noisy": ...}``): per
+    claim, the paper's sentence, its number, ours (percent, combined over the rows the claim covers), how many of
+    those rows have our number, and whether it holds; "incomplete" while a row it covers has none."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
+    tables = {4: table4, 5: table5, 6: table6}
+    numbers = paper.text_numbers().set_index("id")
+    rows = []
+    for claim_id, number, defense, column, how, direction in A4_CLAIMS:
+        text = numbers.loc[claim_id]
+        df = tables[number]
+        if claim_id == "t29":  # the noisy trigger at the levels the text names, on the attacked model
+            levels = {float(v) for v in numbers[numbers.quote == text.quote]["value"]}
+            df = df[df["noise level"].astype(float).isin(levels)]
+            bound = A4_NOISY_BOUND
+        else:
+            bound = float(text.value)
+        mine = df[df["defense"] == defense]
+        if column == "acc cost":
+            labels = [c for c in label_columns(df) if c != "defense"]
+            base = df[df["defense"] == "No Defense"].set_index(labels)["ours acc"]
+            values = (base - mine.set_index(labels)["ours acc"]).reindex(base.index)
+        else:
+            values = mine[column] if column in mine else pd.Series(np.nan, index=mine.index)
+        have = values.dropna()
+        ours = float(getattr(have, how)()) if len(have) else np.nan
+        if len(have) < len(values) or not len(values):
+            verdict = "incomplete"
+        elif direction == "not above":
+            verdict = "yes" if ours <= bound else "no"
+        elif direction == "at most":
+            verdict = "yes" if ours <= bound + tolerance else "no"
+        else:
+            verdict = "yes" if ours >= bound - tolerance else "no"
+        rows.append({"table": number, "claim": text.quote, "measures": f"{how} of {column.removeprefix('ours ')} "
+                     f"({defense})", "paper": bound, "test": direction if direction == "not above" else
+                     f"{direction} (±{tolerance:g})", "ours": ours, "rows": f"{len(have)} of {len(values)}",
+                     "holds": verdict})
     return pd.DataFrame(rows)
 
 
