@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from unitlib import config
 from unitlib.config import PROFILES, Experiment, profile
 
 
@@ -127,3 +128,26 @@ def test_numbers_of_the_other_kind_where_valid():
     # an int where a float is asked for is a number all the same; None where None is allowed
     exp = profile("smoke", lr=1, weight_decay=0, width=None, attack_params={"patch_size": 4})
     assert exp.lr == 1 and exp.width is None
+
+
+def test_smoke_runs_the_short_budgets_the_book_does():
+    """At smoke every run is live: an attack or a baseline named there (CLI, grid, notebooks alike) runs its smoke
+    budget, not its paper's (minutes to hours on the synthetic data), and the caller's own parameters win."""
+    from unitlib import attacks, defenses
+    from unitlib.book import report
+
+    exp = profile("smoke", attack="combat", defense="nc")
+    assert exp.attack_params == attacks.SMOKE_PARAMS["combat"] and exp.defense_params == defenses.SMOKE_PARAMS["nc"]
+    assert exp.poison_rate == config.SMOKE_CLEAN_LABEL_RATE  # clean-label: half the synthetic target class
+    mine = profile("smoke", attack="combat", defense="nc", defense_params={"steps": 3}, poison_rate=0.02)
+    assert mine.defense_params == {**defenses.SMOKE_PARAMS["nc"], "steps": 3} and mine.poison_rate == 0.02
+    # the defaults are untouched where no smoke budget exists, and at the other profiles
+    assert profile("smoke") == profile("smoke", attack="badnets", defense="unit")
+    assert profile("smoke").defense_params == {"steps": 20, "chunk": 256}
+    assert profile("cpu", attack="combat", defense="nc").defense_params == {}
+    assert config.smoke_params("cpu", "defense", "nc") == {}
+    with pytest.raises(ValueError, match="unknown kind 'model'; valid choices: attack, defense"):
+        config.smoke_params("smoke", "model", "nc")
+    # the book's cell for the same pair is the same experiment
+    sec = report.Section(profile="smoke")
+    assert sec.experiment(report.Cell({}, "COMBAT", "NC"), 0) == exp

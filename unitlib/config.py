@@ -177,8 +177,48 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def profile(name: str, **overrides: Any) -> Experiment:
-    """The named profile's experiment, with ``overrides`` (any ``Experiment`` key) applied."""
+    """The named profile's experiment, with ``overrides`` (any ``Experiment`` key) applied. At ``smoke`` every run is
+    meant to take seconds: an attack or defense whose papers' budget takes minutes there runs its smoke budget
+    (:func:`smoke_params`, merged under any parameters ``overrides`` give it), and a clean-label attack poisons at
+    most :data:`SMOKE_CLEAN_LABEL_RATE` unless ``overrides`` set ``poison_rate``."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; valid choices: {', '.join(PROFILES)}")
     base = Experiment.from_dict({**PROFILES[name], "profile": name})
-    return base.replace(**overrides) if overrides else base
+    exp = base.replace(**overrides) if overrides else base
+    if name != "smoke":
+        return exp
+    changes: dict[str, Any] = {}
+    for kind in ("attack", "defense"):
+        smoke = smoke_params(name, kind, getattr(exp, kind))
+        if smoke:
+            changes[f"{kind}_params"] = {**smoke, **getattr(exp, f"{kind}_params")}
+    if "poison_rate" not in overrides:
+        rate = smoke_poison_rate(name, exp.attack, exp.poison_rate)
+        if rate != exp.poison_rate:
+            changes["poison_rate"] = rate
+    return exp.replace(**changes) if changes else exp
+
+
+# The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole set would take
+# every target-class image and leave the defender none. At smoke it poisons half of them.
+SMOKE_CLEAN_LABEL_RATE = 0.05
+
+
+def smoke_params(profile_name: str, kind: str, name: str) -> dict[str, Any]:
+    """The shorter budget that ``profile_name`` runs the attack or defense ``name`` with (``kind``: ``"attack"`` or
+    ``"defense"``): ``attacks.SMOKE_PARAMS`` or ``defenses.SMOKE_PARAMS`` at ``smoke``, where every run is live and
+    the papers' budgets take minutes to hours on the synthetic data; a copy, empty elsewhere."""
+    if kind not in ("attack", "defense"):
+        raise ValueError(f"unknown kind {kind!r}; valid choices: attack, defense")
+    if profile_name != "smoke":
+        return {}
+    table = attacks.SMOKE_PARAMS if kind == "attack" else defenses.SMOKE_PARAMS
+    return dict(table.get(name, {}))
+
+
+def smoke_poison_rate(profile_name: str, attack: str, rate: float) -> float:
+    """The poisoning rate ``profile_name`` gives ``attack`` in place of ``rate``: at most
+    :data:`SMOKE_CLEAN_LABEL_RATE` for a clean-label attack at ``smoke``, else ``rate``."""
+    if profile_name == "smoke" and attack in attacks.ATTACKS and attacks.attack_class(attack).clean_label:
+        return min(rate, SMOKE_CLEAN_LABEL_RATE)
+    return rate

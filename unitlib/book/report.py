@@ -24,7 +24,7 @@ import torch
 
 from .. import attacks, defenses
 from .. import results as store
-from ..config import PROFILES, Experiment, profile
+from ..config import PROFILES, Experiment, profile, smoke_params, smoke_poison_rate
 from . import paper
 
 __all__ = ["NOT_IMPLEMENTED", "NOT_RUN", "REPRODUCED", "Cell", "Outcome", "Section", "missing_line", "show",
@@ -181,9 +181,8 @@ class Section:
             if defense is None:
                 return None
             params = dict(base.defense_params) if defense == base.defense else {}
-            if self.profile == "smoke":
-                # every run is live at smoke: the baselines' short smoke schedules (recorded with the experiment)
-                params.update(getattr(defenses, "SMOKE_PARAMS", {}).get(defense, {}))
+            # every run is live at smoke: the baselines' short smoke schedules (recorded with the experiment)
+            params.update(smoke_params(self.profile, "defense", defense))
             if defense == "unit":
                 params["degradation"] = self.budget
             params.update(cell.defense_params)
@@ -198,13 +197,13 @@ class Section:
         if paper.attack_params(cell.attack):
             # the recipe the appendix's numbers for this attack come from (a cell's own params win)
             changes["attack_params"] = {**paper.attack_params(cell.attack), **changes.get("attack_params", {})}
-        if self.profile == "smoke" and getattr(attacks, "SMOKE_PARAMS", {}).get(attack):
+        if smoke_params(self.profile, "attack", attack):
             # the generator attacks' smaller smoke budgets (recorded with the experiment); a cell's own params win
-            changes["attack_params"] = {**attacks.SMOKE_PARAMS[attack], **changes.get("attack_params", {})}
-        if self.profile == "smoke" and attacks.attack_class(attack).clean_label:
-            # The synthetic set's target class is a tenth of it: a clean-label attack poisoning 10% of the whole
-            # set would take every target-class image and leave the defender none. Half of them at smoke.
-            changes.setdefault("poison_rate", min(base.poison_rate, 0.05))
+            changes["attack_params"] = {**smoke_params(self.profile, "attack", attack),
+                                        **changes.get("attack_params", {})}
+        if smoke_poison_rate(self.profile, attack, base.poison_rate) != base.poison_rate:
+            # a clean-label attack at smoke (config.SMOKE_CLEAN_LABEL_RATE)
+            changes.setdefault("poison_rate", smoke_poison_rate(self.profile, attack, base.poison_rate))
         elif paper.poison_rate(cell.attack, self.profile) is not None:
             # the attacks that cannot use the appendix's fixed 10% (a cell that sets its own rate keeps it)
             changes.setdefault("poison_rate", paper.poison_rate(cell.attack, self.profile))
