@@ -62,3 +62,12 @@ def test_bad_names():
         models.build("resnet19")
     with pytest.raises(ValueError, match="unknown activation 'swish'; valid choices: relu, leakyrelu"):
         models.build("resnet18", activation="swish")
+
+
+def test_resnet_depths_have_their_papers_blocks():
+    # He et al.: 18 and 34 layers in basic blocks (2 convolutions), 50 and 101 in bottlenecks (3): the stem, the
+    # blocks' convolutions (not the projection shortcuts) and the linear head
+    def depth(name):
+        m = models.build(name, width=4)
+        return 1 + sum(isinstance(x, torch.nn.Conv2d) and ".shortcut" not in n for n, x in m.named_modules())
+    assert [depth(n) for n in ("resnet18", "resnet34", "resnet50", "resnet101")] == [18, 34, 50, 101]

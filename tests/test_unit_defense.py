@@ -7,7 +7,7 @@ import unitlib.defenses.unit as unit_module
 
 from unitlib import models, results
 from unitlib.defenses import UNIT, BoundedModel, CleanSplit
-from unitlib.defenses.unit import Bound, _float, initial_bounds, select_layers
+from unitlib.defenses.unit import Bound, _float, activation_sites, initial_bounds, select_layers
 
 
 def _clean(n=120, nval=40, seed=0):
@@ -76,10 +76,16 @@ def test_layer_selection():
     assert select_layers(sites, "all") == sites
     assert select_layers(sites, "first:2") == ["s0", "s1"]
     assert select_layers(sites, "last:3") == ["s3", "s4", "s5"]
-    with pytest.raises(ValueError, match="layers must be 'all', 'first:k' or 'last:k'"):
+    with pytest.raises(ValueError, match="layers must be 'all', 'blocks', 'first:k' or 'last:k'"):
         select_layers(sites, "middle:2")
     defended = UNIT(steps=1, layers="last:2")(_model(), _clean(), progress=False)
     assert len(defended.layers) == 2
+    # the appendix's key layers (Fig. 14): the stem's and each residual block's output, not the activations inside
+    for name, blocks, per_block in (("resnet18", 8, 2), ("resnet50", 16, 3)):
+        sites = activation_sites(models.build(name, width=4).eval(), torch.rand(1, 3, 32, 32))
+        keys = select_layers(sites, "blocks")
+        assert len(sites) == 1 + blocks * per_block and len(keys) == 1 + blocks
+        assert keys[0] == "net.act1" and all(k.endswith(f".act{per_block}") for k in keys[1:])
 
 
 @pytest.mark.parametrize("name,act", [("preact-resnet18", "relu"), ("resnet18", "tanh"), ("small-cnn", "elu"),

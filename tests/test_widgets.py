@@ -53,6 +53,26 @@ def test_attacks_that_cannot_use_the_fixed_rate_get_their_own():
     assert table.loc["SIG", "status"] == report.REPRODUCED and "0.08" in table.loc["SIG", "ours: measured at"]
 
 
+def test_model_scales_run_every_depth_with_all_and_key_layers_at_the_profiles_scale():
+    for name, scale in (("cpu", {"width": 16, "train_size": 10000}), ("paper", {}), ("smoke", {"width": 8})):
+        sec = report.Section(profile=name, max_sweep=4)
+        cells = appendix.figure14(sec)
+        assert len(cells) == 12 and {c.labels["model"] for c in cells} == set(appendix.MODEL_SCALES)
+        for cell in cells:
+            exp = sec.experiment(cell)
+            assert exp.model == cell.labels["model"]
+            assert {k: getattr(exp, k) for k in scale} == scale
+            if name == "paper":
+                assert exp.width is None and exp.train_size is None
+            key_layers = cell.labels["defense"] == "UNIT (key layers)"
+            assert (exp.defense_params.get("layers") == "blocks") == key_layers
+            assert exp.defense == ("none" if cell.defense == "No Defense" else "unit")
+    # the three rows of one depth share one backdoored model
+    sec = report.Section(profile="cpu")
+    keys = {(c.labels["model"], sec.experiment(c).model_key()) for c in appendix.figure14(sec)}
+    assert len(keys) == len({m for m, _ in keys}) == 4
+
+
 def test_compare_labels_ours_and_the_paper_and_lists_gaps(tmp_path):
     sec = report.Section(profile="cpu", results_dir=str(tmp_path))
     table = sec.compare(appendix.table8(sec), log=lambda *a: None)

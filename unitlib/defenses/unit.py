@@ -70,14 +70,22 @@ def activation_sites(model: nn.Module, sample: torch.Tensor) -> list[str]:
 
 
 def select_layers(sites: list[str], layers: str) -> list[str]:
-    """``all``, ``first:k`` or ``last:k`` of the activation sites (forward order)."""
+    """``all``, ``blocks``, ``first:k`` or ``last:k`` of the activation sites (forward order). ``blocks`` keeps the
+    appendix's *key layers* (Fig. 14: "each residual block in ResNets"): the last site of each module that holds
+    sites, i.e. each residual block's output and the stem's, leaving out the activations inside a block."""
     if layers == "all":
         return list(sites)
+    if layers == "blocks":
+        last: dict[str, str] = {}
+        for site in sites:
+            last[site.rpartition(".")[0]] = site
+        kept = set(last.values())
+        return [s for s in sites if s in kept]
     kind, _, k = layers.partition(":")
     if kind in ("first", "last") and k.isdigit() and int(k) >= 1:
         n = int(k)
         return sites[:n] if kind == "first" else sites[-n:]
-    raise ValueError(f"layers must be 'all', 'first:k' or 'last:k' (k >= 1), got {layers!r}")
+    raise ValueError(f"layers must be 'all', 'blocks', 'first:k' or 'last:k' (k >= 1), got {layers!r}")
 
 
 # ------------------------------------------------------------------------------------------------ bounded models
@@ -306,7 +314,8 @@ class UNIT(Defense):
       as clipping, apply as rejection) or ``sigmoid`` (a smooth gate ``a * sigmoid((bound - a) / t)``, ``t`` =
       ``temperature`` times the element's clean std, whose gradient says which rejections cost accuracy). The
       appendix does not say how its rejection variant was optimised.
-    - ``layers``: ``all``, ``first:k`` or ``last:k`` activation sites (Table 10, Fig. 14).
+    - ``layers``: ``all``, ``blocks`` (each residual block's output, the appendix's key layers), ``first:k`` or
+      ``last:k`` activation sites (Table 10, Fig. 14).
     - ``val_every``: validate every this many steps (1 = every step, as the official code).
     - ``chunk``: images per forward pass; gradients accumulate so a step sees its whole batch.
     - ``freeze_weights``: skip weight gradients (the model is frozen either way; the official code computes them,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATION_TYPES, ACTIVATIONS, make_activation
-from .resnet import preact_resnet18, resnet18, resnet34, resnet50
+from .resnet import preact_resnet18, resnet18, resnet34, resnet50, resnet101
 from .resnet_mini import ResNetMini
 from .small_cnn import SmallCNN
 
@@ -17,11 +17,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "resnet101": resnet101,
     "preact-resnet18": preact_resnet18,
     "resnet-mini": ResNetMini,
     "small-cnn": SmallCNN,
 }
-DEFAULT_WIDTH = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "preact-resnet18": 64, "resnet-mini": 32, "small-cnn": 32}
+DEFAULT_WIDTH = {"resnet18": 64, "resnet34": 64, "resnet50": 64, "resnet101": 64, "preact-resnet18": 64, "resnet-mini": 32, "small-cnn": 32}
 
 
 # CIFAR-10 channel statistics; models take [0, 1] pixels so that triggers act in pixel space.

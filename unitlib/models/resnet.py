@@ -141,5 +141,9 @@ def resnet50(**kw) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
 
 
+def resnet101(**kw) -> ResNet:
+    return ResNet(Bottleneck, (3, 4, 23, 3), **kw)
+
+
 def preact_resnet18(**kw) -> ResNet:
     return ResNet(PreActBlock, (2, 2, 2, 2), preact=True, **kw)
