@@ -78,9 +78,24 @@ def _book_attack_params(attack: str) -> dict:
     return json.loads(json.dumps(paper.attack_params(names[0]))) if names else {}
 
 
+def _book_rate(attack: str) -> float:
+    """The poisoning rate the book's rows use for the registry name ``attack`` at `cpu`."""
+    names = [name for name, registry in paper.ATTACKS.items() if attack in registry]
+    rate = paper.poison_rate(names[0], "cpu") if names else None
+    return CPU.poison_rate if rate is None else rate
+
+
+# What a default UNIT record of an attack's book row may differ in from the `cpu` profile: nothing but these
+# (the clean-data fraction, the poisoning rate, the model scale of Tables 8-9, Figs. 12-14 are other experiments).
+_ROW_FIELDS = ("attack", "attack_params", "poison_rate", "defense", "defense_params", "seed", "profile")
+
+
 def _default_unit(attack: str, seed: int = 0):
+    base = {k: v for k, v in CPU.to_dict().items() if k not in _ROW_FIELDS}
     return [r for r in CPU_UNIT if r.config["attack"] == attack and r.config["seed"] == seed
             and not r.config["defense_params"] and r.config["attack_params"] == _book_attack_params(attack)
+            and r.config["poison_rate"] == _book_rate(attack)
+            and {k: r.config.get(k) for k in base} == base
             and results.stale_reason(r, r.experiment) is None]
 
 
