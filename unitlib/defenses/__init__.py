@@ -39,10 +39,11 @@ from .unit import UNIT, BoundedModel
 #   runs (more iterations lift the masks above the pruning threshold); threshold 0.7 cost accuracy (0.37 on one run).
 #   No budget screened keeps ANP under the common 0.4 bar with a margin: threshold 0.65 left the same 0.39; eps 0.5
 #   left 0.39 on another run; eps 0.6 cost accuracy (0.42); alpha 0.1 left 0.74, mask lr 0.4 left 1.00; pruning a
-#   fixed share of the lowest masks (the official code's pruning by number) instead of a threshold left ASR 0.79 at
-#   10% and 0.76 at 12% on one run, and accuracy 0.37 at 15% on another. The smoke model has 116 BatchNorm neurons
-#   and 100 mask iterations rank them differently from run to run, so ANP's ASR bar is 0.6 (SMOKE_BARS): a margin
-#   of 0.21 over the worst of the 12 runs, and still far under the planted 0.9-1.0.
+#   fixed share of the lowest masks (the official code's pruning by number) instead of a threshold, over the same
+#   12 runs: ASR 1.00 left on one run at 10% and at 12%, accuracy 0.37 on another at 15%, 0.13-0.25 at 18-30%.
+#   The smoke model has 116 BatchNorm neurons and 100 mask iterations rank them differently from run to run, so
+#   ANP's ASR bar is 0.6 (SMOKE_BARS): a margin of 0.21 over the worst of the 12 runs, and still far under the
+#   planted 0.9-1.0.
 # - I-BAU: ASR <= 0.23, accuracy >= 0.83 (4 rounds; at 2 rounds, ASR 0.52 and 0.40 on two runs with two threads).
 # - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
