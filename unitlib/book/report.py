@@ -278,7 +278,6 @@ class Section:
                               "ours: measured at", "paper: measured at", "status"]
         return df[order]
 
-
     def seconds(self, cells: list[Cell]) -> pd.DataFrame:
         """Per defense, the measured seconds of the defense stage over the records behind ``cells`` (every seed;
         each record once; no-defense cells and cells without a record left out; nothing is computed): how many runs,
