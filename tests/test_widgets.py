@@ -158,6 +158,30 @@ def test_a4_claims_hold_on_the_papers_own_tables():
     assert out.set_index("measures").loc["max of asr (UNIT)", "ours"].tolist()[0] == 1.07
 
 
+def test_a5_claims_pair_each_row_with_its_own_undefended_model():
+    R = report.REPRODUCED
+    t8 = pd.DataFrame([("A", "—", "No Defense", 90.0, 100.0, 94.0, 100.0), ("A", "0.1%", "UNIT", 80.0, 4.0, 88.0, 2.0),
+                       ("A", "5%", "UNIT", 89.0, 30.0, 92.0, 1.0), ("B", "—", "No Defense", 85.0, 99.0, 95.0, 100.0),
+                       ("B", "0.1%", "UNIT", 83.0, 10.0, 90.0, 9.0)],
+                      columns=["attack", "clean data", "defense", "ours acc", "ours asr", "paper acc", "paper asr"])
+    t8["status"] = R
+    f14 = pd.DataFrame([(m, d, 80.0 if d == "No Defense" else 78.5, 100.0 if d == "No Defense" else a, R)
+                        for m, a in (("resnet18", 9.0), ("resnet101", 1.5))
+                        for d in ("No Defense", "UNIT", "UNIT (key layers)")],
+                       columns=["model", "defense", "ours acc", "ours asr", "status"])
+    claims = tuple(c for c in report.A5_CLAIMS if c.table in ("Table 8", "Fig. 14"))
+    out = report.check_claims(claims, {"Table 8": t8, "Fig. 14": f14}).set_index("measures")
+    t44, t45 = out.loc["mean of asr (UNIT)"], out.loc["mean of acc cost (UNIT)"]
+    assert t44["ours"] == 7.0 and t44["paper"] == 8.41 and t44["holds"] == "yes"  # the 5% row is not averaged in
+    assert t45["ours"] == 6.0 and t45["holds"] == "yes"  # (90 - 80 + 85 - 83) / 2, each with its own attack's model
+    assert t45["on the paper's table"] == "yes"  # the paper's (6 + 5) / 2 = 5.5 is around its 7
+    rn = out.loc[["max of asr (UNIT)", "max of acc cost (UNIT)"]]
+    assert rn["ours"].tolist() == [1.5, 1.5] and set(rn["holds"]) == {"yes"}  # ResNet-101's rows only
+    assert rn["on the paper's table"].tolist() == ["—", "—"]  # the figure prints no numbers
+    with pytest.raises(ValueError, match="reads 'Fig. 14'; tables given: Table 8"):
+        report.check_claims(claims, {"Table 8": t8})
+
+
 def test_compare_adds_a_records_extra_metrics_beside_the_papers(tmp_path):
     sec = report.Section(profile="cpu", results_dir=str(tmp_path))
     table = sec.compare(appendix.table5(sec), extra={"asr_non_victim": "nonvictim_asr_after"}, log=lambda *a: None)

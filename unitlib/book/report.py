@@ -604,69 +604,129 @@ def lowest_asr_at_comparable_accuracy(df: pd.DataFrame, *, group: str = "attack"
     return pd.DataFrame(rows)
 
 
-# The appendix's claims for A.4 (its prose, paper.text_numbers), each checked on one comparison table: the text
-# number's id, the table (4, 5 or 6), the defense whose rows it reads, the column, how the rows are combined, and
-# the direction: "not above" the paper's number (for "less than": the appendix's "less than 1.07%" covers its own
-# Table 4's 1.07 at alpha 0, and "less than 4.40%" Table 5's 4.40), or "at most" or "at least" it give or take
-# A4_TOLERANCE points (for "nearly", "about", "approximately", "from"). Table 5's accuracy cost is No Defense's clean
-# accuracy minus UNIT's, pair by pair. Table 6's "significantly reduced" has no number in the text: ours is held to
-# A4_NOISY_BOUND, above the paper's own worst noisy-trigger ASR at those levels (6.84% at 0.05).
-A4_CLAIMS: tuple[tuple[str, int, str, str, str, str], ...] = (
-    ("t23", 4, "UNIT", "ours asr", "max", "not above"),
-    ("t26", 5, "No Defense", "ours asr", "min", "at least"),
-    ("t25", 5, "No Defense", "ours asr_non_victim", "max", "at most"),
-    ("t28", 5, "UNIT", "ours asr", "max", "not above"),
-    ("t27", 5, "UNIT", "acc cost", "mean", "at most"),
-    ("t33", 6, "No Defense", "ours asr", "min", "at least"),
-    ("t34", 6, "UNIT", "ours asr", "max", "at most"),
-    ("t29", 6, "No Defense", "ours asr_noisy", "max", "at most"),
+@dataclass(frozen=True)
+class Claim:
+    """One sentence of the appendix's prose that carries a number (``id`` in ``paper.text_numbers``), as a check on
+    one comparison table (``table``, e.g. ``"Table 4"``): the rows of ``defense`` (those whose columns match
+    ``where``), their ``measure`` (``"asr"``, ``"acc"``, a further record metric such as ``"asr_non_victim"``, or
+    ``"acc cost"``: No Defense's clean accuracy minus the row's, rows paired on the ``pair_on`` columns), combined by
+    ``how`` (``max``, ``min`` or ``mean``), against the sentence's number (or ``bound`` where it gives none) in the
+    ``direction`` ``"not above"`` (the appendix's "less than", "below", "only": its own tables reach the number, e.g.
+    "less than 1.07%" and Table 4's 1.07), ``"at most"`` or ``"at least"`` (give or take a tolerance: "nearly",
+    "about", "approximately", "around", "from", "average")."""
+
+    id: str
+    table: str
+    defense: str
+    measure: str
+    how: str
+    direction: str
+    where: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    pair_on: tuple[str, ...] = ()
+    bound: float | None = None
+
+
+# A.4. Table 6's "significantly reduced" has no number in the text: held to 10%, above the paper's own worst
+# noisy-trigger ASR at those levels (6.84% at 0.05).
+A4_CLAIMS: tuple[Claim, ...] = (
+    Claim("t23", "Table 4", "UNIT", "asr", "max", "not above"),
+    Claim("t26", "Table 5", "No Defense", "asr", "min", "at least"),
+    Claim("t25", "Table 5", "No Defense", "asr_non_victim", "max", "at most"),
+    Claim("t28", "Table 5", "UNIT", "asr", "max", "not above"),
+    Claim("t27", "Table 5", "UNIT", "acc cost", "mean", "at most", pair_on=("victim-target",)),
+    Claim("t33", "Table 6", "No Defense", "asr", "min", "at least"),
+    Claim("t34", "Table 6", "UNIT", "asr", "max", "at most"),
+    Claim("t29", "Table 6", "No Defense", "asr_noisy", "max", "at most",
+          where=(("noise level", (0.05, 0.1, 0.5, 1.0)),), bound=10.0),
 )
-A4_TOLERANCE = 1.0
-A4_NOISY_BOUND = 10.0
+# A.5, where the text gives a number about our rows (Fig. 14's minutes and time saving are the seconds table's).
+A5_CLAIMS: tuple[Claim, ...] = (
+    Claim("t37", "Table 7", "UNIT", "asr", "max", "not above"),
+    Claim("t38", "Table 7", "UNIT", "acc cost", "max", "not above", pair_on=("activation",)),
+    Claim("t44", "Table 8", "UNIT", "asr", "mean", "at most", where=(("clean data", ("0.1%",)),)),
+    Claim("t45", "Table 8", "UNIT", "acc cost", "mean", "at most", where=(("clean data", ("0.1%",)),),
+          pair_on=("attack",)),
+    Claim("t52", "Fig. 12", "UNIT", "asr", "max", "at most"),
+    Claim("t53", "Fig. 12", "UNIT", "acc cost", "max", "not above", pair_on=("poison rate",)),
+    Claim("t64", "Fig. 13", "UNIT", "asr", "max", "not above"),
+    Claim("t65", "Fig. 14", "UNIT", "asr", "max", "not above", where=(("model", ("resnet101",)),)),
+    Claim("t66", "Fig. 14", "UNIT", "acc cost", "max", "not above", where=(("model", ("resnet101",)),),
+          pair_on=("model",)),
+)
+CLAIM_TOLERANCE = 1.0
+_DIRECTIONS = ("not above", "at most", "at least")
+
+
+def _claim_values(claim: Claim, df: pd.DataFrame, side: str) -> pd.Series:
+    """The numbers ``claim`` combines, ``side`` ``"ours"`` or ``"paper"``: one per row it covers (NaN where none)."""
+    rows = df[df["defense"] == claim.defense]
+    for column, values in claim.where:  # selects the claim's rows; their No Defense pairs may sit elsewhere
+        wanted = {str(v) for v in values}
+        rows = rows[rows[column].map(lambda v: str(v) in wanted or (isinstance(v, float) and f"{v:g}" in wanted))]
+    if claim.measure == "acc cost" and f"{side} acc" not in df:
+        return pd.Series(np.nan, index=range(len(rows)))
+    if claim.measure == "acc cost":
+        key = list(claim.pair_on)
+        base = df[df["defense"] == "No Defense"].set_index(key)[f"{side} acc"] if key else pd.Series(dtype=float)
+        if not key or base.index.has_duplicates:
+            raise ValueError(f"claim {claim.id}: pair_on must name the columns that pair each {claim.defense} row "
+                             f"with one No Defense row, got {claim.pair_on!r}")
+        return (base.reindex(rows.set_index(key).index) - rows.set_index(key)[f"{side} acc"]).reset_index(drop=True)
+    column = f"{side} {claim.measure}"
+    return rows[column].reset_index(drop=True) if column in rows else pd.Series(np.nan, index=range(len(rows)))
+
+
+def _verdict(claim: Claim, values: pd.Series, bound: float, tolerance: float) -> tuple[float, str]:
+    have = values.dropna()
+    value = float(getattr(have, claim.how)()) if len(have) else np.nan
+    if not len(values) or len(have) < len(values):
+        return value, "incomplete"
+    if claim.direction == "not above":
+        ok = value <= bound
+    elif claim.direction == "at most":
+        ok = value <= bound + tolerance
+    else:
+        ok = value >= bound - tolerance
+    return value, "yes" if ok else "no"
+
+
+def check_claims(claims: tuple[Claim, ...], tables: dict[str, pd.DataFrame], *,
+                 tolerance: float = CLAIM_TOLERANCE) -> pd.DataFrame:
+    """Each of ``claims`` checked on the comparison tables (:meth:`Section.compare`) in ``tables``, keyed by the
+    claims' ``table``: the paper's sentence, its number, ours (percent, combined over the rows the claim covers),
+    how many of those rows have our number, whether it holds ("incomplete" while a row it covers has none), and
+    whether it holds on the paper's own numbers in the same table where the paper prints them."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
+    numbers = paper.text_numbers().set_index("id")
+    rows = []
+    for claim in claims:
+        if claim.table not in tables:
+            raise ValueError(f"claim {claim.id} reads {claim.table!r}; tables given: {', '.join(tables) or 'none'}")
+        if claim.direction not in _DIRECTIONS or claim.how not in ("max", "min", "mean"):
+            raise ValueError(f"claim {claim.id}: direction must be one of {', '.join(_DIRECTIONS)} and how one of "
+                             f"max, min, mean; got {claim.direction!r}, {claim.how!r}")
+        text = numbers.loc[claim.id]
+        bound = float(text.value) if claim.bound is None else claim.bound
+        values = _claim_values(claim, tables[claim.table], "ours")
+        ours, holds = _verdict(claim, values, bound, tolerance)
+        paper_values = _claim_values(claim, tables[claim.table], "paper")
+        paper_holds = _verdict(claim, paper_values, bound, tolerance)[1] if paper_values.notna().any() else "—"
+        rows.append({"item": claim.table, "claim": text.quote,
+                     "measures": f"{claim.how} of {claim.measure} ({claim.defense})", "paper": bound,
+                     "test": claim.direction if claim.direction == "not above" else
+                     f"{claim.direction} (±{tolerance:g})", "ours": ours,
+                     "rows": f"{int(values.notna().sum())} of {len(values)}", "holds": holds,
+                     "on the paper's table": paper_holds})
+    return pd.DataFrame(rows)
 
 
 def a4_claims(table4: pd.DataFrame, table5: pd.DataFrame, table6: pd.DataFrame,
-              tolerance: float = A4_TOLERANCE) -> pd.DataFrame:
-    """The appendix's claims for A.4 (:data:`A4_CLAIMS`) checked on our comparison tables (Tables 4, 5 and 6 from
-    :meth:`Section.compare`; 5 with ``extra={"asr_non_victim": ...}``, 6 with ``extra={"asr_noisy": ...}``): per
-    claim, the paper's sentence, its number, ours (percent, combined over the rows the claim covers), how many of
-    those rows have our number, and whether it holds; "incomplete" while a row it covers has none."""
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
-    tables = {4: table4, 5: table5, 6: table6}
-    numbers = paper.text_numbers().set_index("id")
-    rows = []
-    for claim_id, number, defense, column, how, direction in A4_CLAIMS:
-        text = numbers.loc[claim_id]
-        df = tables[number]
-        if claim_id == "t29":  # the noisy trigger at the levels the text names, on the attacked model
-            levels = {float(v) for v in numbers[numbers.quote == text.quote]["value"]}
-            df = df[df["noise level"].astype(float).isin(levels)]
-            bound = A4_NOISY_BOUND
-        else:
-            bound = float(text.value)
-        mine = df[df["defense"] == defense]
-        if column == "acc cost":
-            labels = [c for c in label_columns(df) if c != "defense"]
-            base = df[df["defense"] == "No Defense"].set_index(labels)["ours acc"]
-            values = (base - mine.set_index(labels)["ours acc"]).reindex(base.index)
-        else:
-            values = mine[column] if column in mine else pd.Series(np.nan, index=mine.index)
-        have = values.dropna()
-        ours = float(getattr(have, how)()) if len(have) else np.nan
-        if len(have) < len(values) or not len(values):
-            verdict = "incomplete"
-        elif direction == "not above":
-            verdict = "yes" if ours <= bound else "no"
-        elif direction == "at most":
-            verdict = "yes" if ours <= bound + tolerance else "no"
-        else:
-            verdict = "yes" if ours >= bound - tolerance else "no"
-        rows.append({"table": number, "claim": text.quote, "measures": f"{how} of {column.removeprefix('ours ')} "
-                     f"({defense})", "paper": bound, "test": direction if direction == "not above" else
-                     f"{direction} (±{tolerance:g})", "ours": ours, "rows": f"{len(have)} of {len(values)}",
-                     "holds": verdict})
-    return pd.DataFrame(rows)
+              tolerance: float = CLAIM_TOLERANCE) -> pd.DataFrame:
+    """The appendix's claims for A.4 (:data:`A4_CLAIMS`) checked on our Tables 4, 5 and 6 (:meth:`Section.compare`;
+    5 with ``extra={"asr_non_victim": "nonvictim_asr_after"}``, 6 with ``extra={"asr_noisy": "noisy_asr_after"}``),
+    as :func:`check_claims`."""
+    return check_claims(A4_CLAIMS, {"Table 4": table4, "Table 5": table5, "Table 6": table6}, tolerance=tolerance)
 
 
 def timings(directory: str | Path | None = None) -> pd.DataFrame:
