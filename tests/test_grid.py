@@ -5,6 +5,7 @@ import pytest
 import unitlib.experiment as experiment_module
 from unitlib import results
 from unitlib.book import grid
+from unitlib.config import profile
 
 
 def test_select_items_by_section_table_or_all():
@@ -133,3 +134,17 @@ def test_estimate_uses_the_measured_seconds_of_earlier_records_at_the_profile(tm
     assert est.cells_s == pytest.approx(5 * (3.0 + 1.0))
     assert est.total_s == pytest.approx(20.0 + 20.0)
     assert "1 model(s) x 20 s of training" in est.describe()
+
+
+def test_training_estimates_scale_with_the_models_multiply_adds_images_and_epochs():
+    cpu = profile("cpu")
+    assert grid.training_scale(cpu, cpu) == 1.0
+    assert grid.training_scale(cpu.replace(epochs=16), cpu) == pytest.approx(2.0)
+    assert grid.training_scale(cpu.replace(train_size=10_000), cpu) == pytest.approx(0.2)
+    # channels x2: about 4x the multiply-adds (the stem's input and the head grow only 2x)
+    assert 3.5 < grid.training_scale(cpu.replace(width=64), cpu) < 4.0
+    deep = cpu.replace(model="resnet101", width=16)
+    assert grid.training_scale(deep, cpu) > grid.training_scale(cpu.replace(model="resnet50", width=16), cpu) > 1
+    est = grid.Estimate(train_s=100.0, models=2, cells_s=10.0, unknown=(), records=5, scales=(1.0, 3.0))
+    assert est.train_total_s == 400.0 and est.total_s == 410.0
+    assert "1 of them at another scale, 3x the profile's training cost" in est.describe()

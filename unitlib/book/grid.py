@@ -165,21 +165,32 @@ def plan(
 class Estimate:
     """A plan's expected seconds, from the measured seconds of earlier records at its profile (medians)."""
 
-    train_s: float | None  # per backdoored model trained (None: no record at this profile trained one)
+    train_s: float | None  # per backdoored model trained at the profile's own scale (None: no record trained one)
     models: int
     cells_s: float  # the cells' defenses and evaluations, summed over the jobs that could be estimated
     unknown: tuple[str, ...]  # defenses with no record at this profile: not counted
     records: int
+    # each model's training cost over the profile's own (model, width, training images, epochs): 1 at its scale
+    scales: tuple[float, ...] = ()
+
+    @property
+    def train_total_s(self) -> float:
+        scales = self.scales or (1.0,) * self.models
+        return (self.train_s or 0.0) * sum(scales)
 
     @property
     def total_s(self) -> float:
-        return self.cells_s + (self.train_s or 0.0) * self.models
+        return self.cells_s + self.train_total_s
 
     def describe(self) -> str:
         if not self.records:
             return "estimate: no record at this profile to estimate from"
-        train = (f"{self.models} model(s) x {self.train_s:.0f} s of training (at most: models already in the "
-                 f"model cache are loaded instead)" if self.train_s is not None
+        other = [x for x in self.scales if abs(x - 1.0) > 0.05]
+        span = f"{min(other):.2g}" + (f"-{max(other):.2g}" if other and max(other) > min(other) else "") if other else ""
+        scaled = (f"; {len(other)} of them at another scale, {span}x the profile's training cost (multiply-adds x "
+                  f"images x epochs): {self.train_total_s:.0f} s in all" if other else "")
+        train = (f"{self.models} model(s) x {self.train_s:.0f} s of training{scaled} (at most: models already in "
+                 f"the model cache are loaded instead)" if self.train_s is not None
                  else f"{self.models} model(s), training time unknown (no record trained one)")
         unknown = f"; not counted, no record of: {', '.join(self.unknown)}" if self.unknown else ""
         return (f"estimate from {self.records} record(s): {self.total_s / 3600:.1f} h on one worker = {train} + "
@@ -194,11 +205,65 @@ def _median(values: list[float]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+# Training images of the full data sets (a record's own ``train_size`` says otherwise).
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar10-jpeg": 50_000}
+
+
+def _multiply_adds(model: str, width: int | None, activation: str) -> float:
+    """Multiply-adds of one forward pass of a 32x32 RGB image through the model's convolutions and linear layers."""
+    import torch
+
+    from .. import models
+
+    total = 0.0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            total += output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, torch.nn.Linear):
+            total += output.numel() * module.in_features
+
+    net = models.build(model, width=width, activation=activation).eval()
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def training_scale(experiment: Experiment, reference: Experiment) -> float:
+    """How much training ``experiment``'s model costs against ``reference``'s: the ratio of multiply-adds per image
+    x training images x epochs (1.0 where the two cannot be compared)."""
+    def cost(e: Experiment) -> float | None:
+        images = e.train_size or TRAIN_IMAGES.get(e.dataset)
+        try:
+            macs = _cached_multiply_adds(e.model, e.width, e.activation)
+        except ValueError:
+            return None
+        return None if images is None else macs * images * e.epochs
+
+    a, b = cost(experiment), cost(reference)
+    return a / b if a and b else 1.0
+
+
+_MACS: dict[tuple[str, int | None, str], float] = {}
+
+
+def _cached_multiply_adds(model: str, width: int | None, activation: str) -> float:
+    key = (model, width, activation)
+    if key not in _MACS:
+        _MACS[key] = _multiply_adds(model, width, activation)
+    return _MACS[key]
+
+
 def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) -> Estimate:
     """How long ``the_plan`` should take on one worker, from the seconds that earlier records at the same profile
-    measured on their machines: the median training time per model, and per cell the median defense time of
-    records with the same defense and defense parameters (else of the same defense), plus the median evaluation
-    time. Nothing is run."""
+    measured on their machines: the median training time per model, scaled for each model by its training cost
+    against the profile's own (:func:`training_scale`: Fig. 14's ResNet-101 costs many times the profile's model),
+    and per cell the median defense time of records with the same defense and defense parameters (else of the same
+    defense), plus the median evaluation time. Nothing is run."""
     import warnings
 
     dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
@@ -227,7 +292,9 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
             unknown.append(name)
             continue
         cells += (seconds or 0.0) + per_eval
-    return Estimate(train, len(the_plan.groups()), cells, tuple(dict.fromkeys(unknown)), len(records))
+    reference = profile(the_plan.profile)
+    scales = tuple(training_scale(group[0].experiment, reference) for group in the_plan.groups())
+    return Estimate(train, len(the_plan.groups()), cells, tuple(dict.fromkeys(unknown)), len(records), scales)
 
 
 def run_group(
