@@ -104,6 +104,24 @@ def test_a_missing_engine_says_how_to_get_it(engine, tmp_path, monkeypatch):
         grid.run_grid(the_plan, engine=engine, progress=False)
 
 
+def test_a_local_dask_cluster_of_two_workers_runs_a_smoke_grid_and_the_driver_writes_the_records(tmp_path):
+    import os
+
+    distributed = pytest.importorskip("distributed")
+    the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 13"]), results_dir=tmp_path)
+    assert len(the_plan.groups()) >= 2  # one task per backdoored model
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = grid.run_grid(the_plan, engine="dask", address=cluster.scheduler_address, results_dir=tmp_path,
+                            progress=False, log=lambda *a: None)
+    assert all(e["ok"] for e in out), [e.get("error") for e in out]
+    assert len(out) == len(the_plan.jobs)
+    assert all(e["pid"] != os.getpid() for e in out)  # the cells ran in the cluster's worker processes
+    written = {e["path"] for e in out}  # each record written by the driver, from what its worker sent back
+    assert written == {str(p) for p in tmp_path.glob("*.json")} and len(written) == len(the_plan.jobs)
+    assert {results.load(p).key for p in written} == {job.experiment.key() for job in the_plan.jobs}
+    assert grid.plan("smoke", grid.select_items(tables=["Fig. 13"]), results_dir=tmp_path).jobs == []
+
+
 def test_workers_run_groups_in_parallel_processes(tmp_path):
     items = grid.select_items(tables=["Fig. 13"])
     the_plan = grid.plan("smoke", items, results_dir=tmp_path)

@@ -125,7 +125,8 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="cells run at once on this machine (processes)")
     g.add_argument("--engine", default="local", choices=list(grid.ENGINES),
                    help="local processes, or an existing Ray or Dask cluster (one task per backdoored model)")
-    g.add_argument("--address", help="the cluster to join (ray: 'auto' or host:port; dask: the scheduler)")
+    g.add_argument("--address", help="the cluster to join (ray: 'auto' or host:port; dask: the scheduler, e.g. "
+                                     "tcp://host:8786; without one, dask starts a local cluster of --workers)")
     g.add_argument("--results", help="directory for the records (default: results/ of the repository; at smoke, "
                                      "build/results/smoke)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -299,11 +299,14 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
 
 def run_group(
     experiments: list[dict[str, Any]], results_dir: str | None, device: str, data_root: str | None,
-    threads: int | None = None,
+    threads: int | None = None, return_records: bool = False,
 ) -> list[dict[str, Any]]:
     """Run experiments (as ``Experiment.to_dict()``) one after another and write their records; what each took, and
     the error of any that failed (the others still run). Top-level and plain-data in and out, so that a process
-    pool, Ray or Dask can ship it to a worker."""
+    pool, Ray or Dask can ship it to a worker. With ``return_records`` nothing is written here: each entry carries
+    its record (as a dict) for the caller to write, as a cluster's driver does (a worker may not see its folder)."""
+    import dataclasses
+
     import torch
 
     from ..experiment import run
@@ -316,9 +319,12 @@ def run_group(
         started = time.perf_counter()
         try:
             record = run(exp, device=device, results_dir=results_dir, data_root=data_root, progress=False,
-                         log=lambda *a: None)
-            out.append({"key": exp.key(), "ok": True, "seconds": time.perf_counter() - started,
-                        "after": record.metrics["after"]})
+                         save=not return_records, log=lambda *a: None)
+            entry = {"key": exp.key(), "ok": True, "seconds": time.perf_counter() - started,
+                     "after": record.metrics["after"], "pid": os.getpid()}
+            if return_records:
+                entry["record"] = dataclasses.asdict(record)
+            out.append(entry)
         except Exception as err:  # one failed cell must not lose the others
             out.append({"key": exp.key(), "ok": False, "seconds": time.perf_counter() - started,
                         "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
@@ -336,12 +342,15 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run every job of ``the_plan``: one progress bar over the cells, a line per cell with its seconds. Returns one
     entry per job (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in this
-    process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address``."""
+    process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
+    without one starts a local cluster of ``workers`` processes), and the records their workers send back are
+    written here, by the driver."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out_dir = str(results_dir) if results_dir else None
+    store.check_writable(out_dir)  # before hours of work, not after
     groups = the_plan.groups()
     labels = {job.experiment.key(): job.label for job in the_plan.jobs}
     payloads = [[job.experiment.to_dict() for job in group] for group in groups]
@@ -350,6 +359,8 @@ def run_grid(
 
     def collect(entries: list[dict[str, Any]]) -> None:
         for entry in entries:
+            if "record" in entry:  # a cluster worker's record, written here (atomically) by the driver
+                entry["path"] = str(store.save(store.Record(**entry.pop("record")), out_dir))
             done.append(entry)
             label = labels.get(entry["key"], entry["key"][:12])
             if entry["ok"]:
@@ -374,15 +385,19 @@ def run_grid(
             if not ray.is_initialized():
                 ray.init(address=address or "auto")
             remote = ray.remote(run_group)
-            pending = [remote.remote(p, out_dir, device, data_root) for p in payloads]
+            pending = [remote.remote(p, out_dir, device, data_root, None, True) for p in payloads]
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 collect(ray.get(ready[0]))
         else:
             distributed = _engine_module("dask.distributed")
-            client = distributed.Client(address) if address else distributed.Client()
+            # no address: a local cluster of ``workers`` worker processes here, sharing the cores between them
+            client = distributed.Client(address) if address else distributed.Client(
+                n_workers=workers, threads_per_worker=_threads_per_worker(workers), processes=True,
+                dashboard_address=None)
             try:
-                futures = [client.submit(run_group, p, out_dir, device, data_root, pure=False) for p in payloads]
+                futures = [client.submit(run_group, p, out_dir, device, data_root, None, True, pure=False)
+                           for p in payloads]
                 for future in distributed.as_completed(futures):
                     collect(future.result())
             finally:
