@@ -103,6 +103,10 @@ def test_seconds_per_defense_are_the_records_own(tmp_path):
     assert out.loc["UNIT", "mean s"] == pytest.approx(sum(secs) / len(secs))
     assert out.loc["UNIT", "min s"] == min(secs) and out.loc["UNIT", "max s"] == max(secs)
     assert report.Section(profile="cpu", results_dir=str(tmp_path)).seconds([]).empty
+    # the A.1 table's two UNIT rows (defaults, the official schedule) are two defenses here
+    a1 = report.Section(profile="cpu", results_dir=str(tmp_path))
+    labels = set(a1.seconds([c for c in appendix.baselines(a1) if c.attack == "BadNets"])["defense"])
+    assert {"UNIT", "UNIT (official schedule)"} <= labels
 
 
 def _a4_tables(unit_asr5=1.0, noisy=(99.0, 5.0, 1.0, 0.5, 0.5)):

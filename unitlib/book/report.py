@@ -279,9 +279,10 @@ class Section:
         return df[order]
 
     def seconds(self, cells: list[Cell]) -> pd.DataFrame:
-        """Per defense, the measured seconds of the defense stage over the records behind ``cells`` (every seed;
-        each record once; no-defense cells and cells without a record left out; nothing is computed): how many runs,
-        their mean, least and most seconds, and the devices they ran on."""
+        """Per defense (as the cells label it: UNIT and UNIT with the official schedule apart), the measured seconds
+        of the defense stage over the records behind ``cells`` (every seed; each record once; no-defense cells and
+        cells without a record left out; nothing is computed): how many runs, their mean, least and most seconds,
+        and the devices they ran on."""
         index = RecordIndex(self.record_dirs())
         runs: dict[str, dict[str, store.Record]] = {}
         for cell in cells:
@@ -291,7 +292,7 @@ class Section:
                 exp = self.experiment(cell, seed)
                 record = index.lookup(exp)[0] if exp is not None else None
                 if record is not None and record.seconds.get("defense") is not None:
-                    runs.setdefault(cell.defense, {})[record.key] = record
+                    runs.setdefault(str(cell.labels.get("defense", cell.defense)), {})[record.key] = record
         rows = []
         for defense, records in runs.items():
             secs = [float(r.seconds["defense"]) for r in records.values()]
