@@ -414,6 +414,6 @@ def _engine_module(name: str):
         return importlib.import_module(name)
     except ImportError as err:
         package = name.split(".")[0]
-        extra = "dask[distributed]" if package == "dask" else package
+        extra = "unitlib[cluster]" if package == "dask" else package
         raise RuntimeError(f"engine {package!r} needs the {package} package, which unitlib does not install: "
                            f"pip install '{extra}' (or use --engine local)") from err
