@@ -130,6 +130,11 @@ def test_a4_claims_are_checked_against_the_papers_sentences():
     assert len(out) == len(report.A4_CLAIMS) and set(out.holds) == {"yes"}
     assert out.loc["max of asr (UNIT)", "paper"].tolist() == [1.07, 4.40, 1.0]  # Tables 4, 5 and 6
     assert out.loc["mean of acc cost (UNIT)", "ours"] == pytest.approx(1.5)  # 92.0 - 90.5, pair by pair
+    # a low ASR on a model the attack never backdoored is flagged, not counted as the defense's
+    t4, t5, t6 = _a4_tables()
+    t4.loc[(t4.alpha == 10) & (t4.defense == "No Defense"), "ours asr"] = 4.4
+    flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
+    assert flagged == ["yes (1 of 5 rows on a model the attack did not backdoor)", "yes", "yes"]
     # the noisy trigger is judged at the levels the text names (0.05-1.0), not at 0.01 where it still fires
     assert out.loc["max of asr_noisy (No Defense)", "ours"] == 5.0
     # "less than 4.40%" allows no more than 4.40; a noisy trigger at 0.05 that still fires fails "significantly

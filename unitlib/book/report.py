@@ -630,27 +630,28 @@ class Claim:
 # A.4. Table 6's "significantly reduced" has no number in the text: held to 10%, above the paper's own worst
 # noisy-trigger ASR at those levels (6.84% at 0.05).
 A4_CLAIMS: tuple[Claim, ...] = (
-    Claim("t23", "Table 4", "UNIT", "asr", "max", "not above"),
+    Claim("t23", "Table 4", "UNIT", "asr", "max", "not above", pair_on=("alpha",)),
     Claim("t26", "Table 5", "No Defense", "asr", "min", "at least"),
     Claim("t25", "Table 5", "No Defense", "asr_non_victim", "max", "at most"),
-    Claim("t28", "Table 5", "UNIT", "asr", "max", "not above"),
+    Claim("t28", "Table 5", "UNIT", "asr", "max", "not above", pair_on=("victim-target",)),
     Claim("t27", "Table 5", "UNIT", "acc cost", "mean", "at most", pair_on=("victim-target",)),
     Claim("t33", "Table 6", "No Defense", "asr", "min", "at least"),
-    Claim("t34", "Table 6", "UNIT", "asr", "max", "at most"),
+    Claim("t34", "Table 6", "UNIT", "asr", "max", "at most", pair_on=("noise level",)),
     Claim("t29", "Table 6", "No Defense", "asr_noisy", "max", "at most",
           where=(("noise level", (0.05, 0.1, 0.5, 1.0)),), bound=10.0),
 )
 # A.5, where the text gives a number about our rows (Fig. 14's minutes and time saving are the seconds table's).
 A5_CLAIMS: tuple[Claim, ...] = (
-    Claim("t37", "Table 7", "UNIT", "asr", "max", "not above"),
+    Claim("t37", "Table 7", "UNIT", "asr", "max", "not above", pair_on=("activation",)),
     Claim("t38", "Table 7", "UNIT", "acc cost", "max", "not above", pair_on=("activation",)),
-    Claim("t44", "Table 8", "UNIT", "asr", "mean", "at most", where=(("clean data", ("0.1%",)),)),
+    Claim("t44", "Table 8", "UNIT", "asr", "mean", "at most", where=(("clean data", ("0.1%",)),), pair_on=("attack",)),
     Claim("t45", "Table 8", "UNIT", "acc cost", "mean", "at most", where=(("clean data", ("0.1%",)),),
           pair_on=("attack",)),
-    Claim("t52", "Fig. 12", "UNIT", "asr", "max", "at most"),
+    Claim("t52", "Fig. 12", "UNIT", "asr", "max", "at most", pair_on=("poison rate",)),
     Claim("t53", "Fig. 12", "UNIT", "acc cost", "max", "not above", pair_on=("poison rate",)),
-    Claim("t64", "Fig. 13", "UNIT", "asr", "max", "not above"),
-    Claim("t65", "Fig. 14", "UNIT", "asr", "max", "not above", where=(("model", ("resnet101",)),)),
+    Claim("t64", "Fig. 13", "UNIT", "asr", "max", "not above", pair_on=("target",)),
+    Claim("t65", "Fig. 14", "UNIT", "asr", "max", "not above", where=(("model", ("resnet101",)),),
+          pair_on=("model",)),
     Claim("t66", "Fig. 14", "UNIT", "acc cost", "max", "not above", where=(("model", ("resnet101",)),),
           pair_on=("model",)),
 )
@@ -658,12 +659,39 @@ CLAIM_TOLERANCE = 1.0
 _DIRECTIONS = ("not above", "at most", "at least")
 
 
+def _covered(claim: Claim, df: pd.DataFrame) -> pd.DataFrame:
+    """The rows ``claim`` speaks of: its defense's, those matching ``where`` (their No Defense pairs may sit
+    elsewhere in ``df``)."""
+    rows = df[df["defense"] == claim.defense]
+    for column, values in claim.where:
+        wanted = {str(v) for v in values}
+        rows = rows[rows[column].map(lambda v, wanted=wanted: str(v) in wanted
+                                     or (isinstance(v, float) and f"{v:g}" in wanted))]
+    return rows
+
+
+# A backdoor counts as planted where the undefended model's ASR reaches this (percent): a defense's low ASR on a
+# model the attack never backdoored says nothing about the defense.
+PLANTED_ASR = 90.0
+
+
+def _planted(claim: Claim, df: pd.DataFrame) -> tuple[int, int] | None:
+    """For a claim about a defense's ASR with ``pair_on``: how many of its rows with our numbers sit on a model whose
+    undefended ASR reached :data:`PLANTED_ASR`, and on how many the undefended ASR is known; None for other
+    claims."""
+    if claim.defense == "No Defense" or not claim.pair_on or not claim.measure.startswith("asr"):
+        return None
+    key = list(claim.pair_on)
+    rows = _covered(claim, df)
+    rows = rows[rows[f"ours {claim.measure}"].notna()] if f"ours {claim.measure}" in rows else rows.iloc[:0]
+    base = df[df["defense"] == "No Defense"].set_index(key)["ours asr"]
+    before = base.reindex(rows.set_index(key).index)
+    return int((before >= PLANTED_ASR).sum()), int(before.notna().sum())
+
+
 def _claim_values(claim: Claim, df: pd.DataFrame, side: str) -> pd.Series:
     """The numbers ``claim`` combines, ``side`` ``"ours"`` or ``"paper"``: one per row it covers (NaN where none)."""
-    rows = df[df["defense"] == claim.defense]
-    for column, values in claim.where:  # selects the claim's rows; their No Defense pairs may sit elsewhere
-        wanted = {str(v) for v in values}
-        rows = rows[rows[column].map(lambda v: str(v) in wanted or (isinstance(v, float) and f"{v:g}" in wanted))]
+    rows = _covered(claim, df)
     if claim.measure == "acc cost" and f"{side} acc" not in df:
         return pd.Series(np.nan, index=range(len(rows)))
     if claim.measure == "acc cost":
@@ -695,8 +723,10 @@ def check_claims(claims: tuple[Claim, ...], tables: dict[str, pd.DataFrame], *,
                  tolerance: float = CLAIM_TOLERANCE) -> pd.DataFrame:
     """Each of ``claims`` checked on the comparison tables (:meth:`Section.compare`) in ``tables``, keyed by the
     claims' ``table``: the paper's sentence, its number, ours (percent, combined over the rows the claim covers),
-    how many of those rows have our number, whether it holds ("incomplete" while a row it covers has none), and
-    whether it holds on the paper's own numbers in the same table where the paper prints them."""
+    how many of those rows have our number, whether it holds ("incomplete" while a row it covers has none; a note
+    where some of the rows sit on a model whose undefended ASR is under :data:`PLANTED_ASR`, so that a low ASR there
+    says nothing about the defense), and whether it holds on the paper's own numbers in the same table where the
+    paper prints them."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
     numbers = paper.text_numbers().set_index("id")
@@ -711,6 +741,9 @@ def check_claims(claims: tuple[Claim, ...], tables: dict[str, pd.DataFrame], *,
         bound = float(text.value) if claim.bound is None else claim.bound
         values = _claim_values(claim, tables[claim.table], "ours")
         ours, holds = _verdict(claim, values, bound, tolerance)
+        planted = _planted(claim, tables[claim.table])
+        if planted is not None and holds in ("yes", "no") and planted[0] < planted[1]:
+            holds += f" ({planted[1] - planted[0]} of {planted[1]} rows on a model the attack did not backdoor)"
         paper_values = _claim_values(claim, tables[claim.table], "paper")
         paper_holds = _verdict(claim, paper_values, bound, tolerance)[1] if paper_values.notna().any() else "—"
         rows.append({"item": claim.table, "claim": text.quote,
