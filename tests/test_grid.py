@@ -166,3 +166,28 @@ def test_training_estimates_scale_with_the_models_multiply_adds_images_and_epoch
     est = grid.Estimate(train_s=100.0, models=2, cells_s=10.0, unknown=(), records=5, scales=(1.0, 3.0))
     assert est.train_total_s == 400.0 and est.total_s == 410.0
     assert "1 of them at another scale, 3x the profile's training cost" in est.describe()
+
+
+def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
+    import json
+    from pathlib import Path
+
+    the_plan = grid.plan("smoke", grid.select_items(tables=["Table 4"]), results_dir=tmp_path)
+    attacks = {g[0].experiment.attack for g in the_plan.groups()}
+    assert "activation-suppression" in attacks
+    template = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
+    # three BadNets models trained in 10 s, one activation-suppression model in 30 s (per unit of training cost)
+    for i, (attack, train) in enumerate([("badnets", 10.0)] * 3 + [("activation-suppression", 30.0)]):
+        rec = json.loads(json.dumps(template))
+        rec["config"].update(profile="smoke", attack=attack, defense="none", defense_params={}, seed=i)
+        rec["key"] = f"{i:064x}"
+        rec["seconds"] = {"train": train, "defense": 0.0, "eval_after": 1.0}
+        rec["provenance"]["model_from_cache"] = False
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+    est = grid.estimate(the_plan, results_dir=tmp_path)
+    assert est.attack_factors == (("activation-suppression", pytest.approx(3.0)),)
+    base = [grid.training_scale(g[0].experiment, profile("smoke")) for g in the_plan.groups()]
+    expected = [b * (3.0 if g[0].experiment.attack == "activation-suppression" else 1.0)
+                for b, g in zip(base, the_plan.groups())]
+    assert est.scales == pytest.approx(expected)
+    assert "activation-suppression 3x" in est.describe()

@@ -15,6 +15,7 @@ run plans again and finds only what is still missing.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -172,6 +173,9 @@ class Estimate:
     records: int
     # each model's training cost over the profile's own (model, width, training images, epochs): 1 at its scale
     scales: tuple[float, ...] = ()
+    # the attacks of the plan whose training measured slower or faster than the median (activation suppression
+    # runs a triggered forward pass beside each clean one): (attack, factor), already folded into ``scales``
+    attack_factors: tuple[tuple[str, float], ...] = ()
 
     @property
     def train_total_s(self) -> float:
@@ -188,13 +192,15 @@ class Estimate:
         other = [x for x in self.scales if abs(x - 1.0) > 0.05]
         span = f"{min(other):.2g}" + (f"-{max(other):.2g}" if other and max(other) > min(other) else "") if other else ""
         scaled = (f"; {len(other)} of them at another scale, {span}x the profile's training cost (multiply-adds x "
-                  f"images x epochs): {self.train_total_s:.0f} s in all" if other else "")
+                  f"images x epochs x the attack's measured cost): {self.train_total_s:.0f} s in all" if other else "")
         train = (f"{self.models} model(s) x {self.train_s:.0f} s of training{scaled} (at most: models already in "
                  f"the model cache are loaded instead)" if self.train_s is not None
                  else f"{self.models} model(s), training time unknown (no record trained one)")
         unknown = f"; not counted, no record of: {', '.join(self.unknown)}" if self.unknown else ""
+        slower = ", ".join(f"{a} {f:.2g}x" for a, f in self.attack_factors)
+        attacks = f"; training cost measured per attack: {slower}" if slower else ""
         return (f"estimate from {self.records} record(s): {self.total_s / 3600:.1f} h on one worker = {train} + "
-                f"{self.cells_s:.0f} s of defenses and evaluations{unknown}")
+                f"{self.cells_s:.0f} s of defenses and evaluations{attacks}{unknown}")
 
 
 def _median(values: list[float]) -> float | None:
@@ -248,21 +254,38 @@ def training_scale(experiment: Experiment, reference: Experiment) -> float:
     return a / b if a and b else 1.0
 
 
-_MACS: dict[tuple[str, int | None, str], float] = {}
-
-
+@functools.cache
 def _cached_multiply_adds(model: str, width: int | None, activation: str) -> float:
-    key = (model, width, activation)
-    if key not in _MACS:
-        _MACS[key] = _multiply_adds(model, width, activation)
-    return _MACS[key]
+    return _multiply_adds(model, width, activation)
+
+
+def attack_factors(records: list, reference: Experiment) -> dict[str, float]:
+    """Per attack, its measured training seconds over every attack's, both per unit of training cost
+    (:func:`training_scale`) and as medians over the records that trained their model: what an attack's own training
+    adds (a generator trained with the classifier, a second forward pass per batch). Attacks within 10% of 1 are left
+    out."""
+    per_attack: dict[str, list[float]] = {}
+    for r in records:
+        seconds = r.seconds.get("train", 0)
+        if r.provenance.get("model_from_cache") or seconds <= 1:
+            continue
+        try:
+            scale = training_scale(r.experiment, reference)
+        except (KeyError, TypeError, ValueError):
+            continue
+        per_attack.setdefault(r.config.get("attack", ""), []).append(seconds / scale)
+    overall = _median([v for values in per_attack.values() for v in values])
+    if not overall:
+        return {}
+    factors = {a: _median(v) / overall for a, v in per_attack.items()}
+    return {a: f for a, f in sorted(factors.items()) if abs(f - 1.0) > 0.1}
 
 
 def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) -> Estimate:
     """How long ``the_plan`` should take on one worker, from the seconds that earlier records at the same profile
     measured on their machines: the median training time per model, scaled for each model by its training cost
-    against the profile's own (:func:`training_scale`: Fig. 14's ResNet-101 costs many times the profile's model),
-    and per cell the median defense time of records with the same defense and defense parameters (else of the same
+    against the profile's own (:func:`training_scale`: Fig. 14's ResNet-101 costs many times the profile's model)
+    and by its attack's measured cost (:func:`attack_factors`), and per cell the median defense time of records with the same defense and defense parameters (else of the same
     defense), plus the median evaluation time. Nothing is run."""
     import warnings
 
@@ -293,8 +316,12 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
             continue
         cells += (seconds or 0.0) + per_eval
     reference = profile(the_plan.profile)
-    scales = tuple(training_scale(group[0].experiment, reference) for group in the_plan.groups())
-    return Estimate(train, len(the_plan.groups()), cells, tuple(dict.fromkeys(unknown)), len(records), scales)
+    factors = attack_factors(records, reference)
+    groups = the_plan.groups()
+    scales = tuple(training_scale(group[0].experiment, reference) * factors.get(group[0].experiment.attack, 1.0)
+                   for group in groups)
+    named = tuple((a, factors[a]) for a in dict.fromkeys(g[0].experiment.attack for g in groups) if a in factors)
+    return Estimate(train, len(groups), cells, tuple(dict.fromkeys(unknown)), len(records), scales, named)
 
 
 def run_group(
