@@ -278,7 +278,8 @@ def status(profiles: tuple[str, ...] = ("cpu", "paper"), results_dir: str | None
         for p in profiles:
             if item.cells is None:
                 n = len(gallery_attacks or [])
-                row[p] = (f"shown for {n} of 14 attacks (no training needed)" if n else "not yet")
+                row[p] = (f"shown for {n} of {len(A1_ATTACKS)} attacks (no backdoored model needed; the generator "
+                          f"attacks train their trigger at a short budget)" if n else "not yet")
                 continue
             sec = Section(name=item.notebook, profile=p, results_dir=results_dir, compute_missing=False)
             index = RecordIndex(sec.record_dirs())
