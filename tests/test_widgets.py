@@ -224,7 +224,7 @@ def test_unimplemented_cells_say_what_is_missing(monkeypatch):
 
 
 def test_status_covers_every_item_without_running_anything(tmp_path):
-    status = appendix.status(("cpu",), results_dir=str(tmp_path), gallery_attacks=["BadNets"])
+    status = appendix.status(("cpu",), results_dir=str(tmp_path), gallery_attacks=["BadNets"], to_fill="cpu")
     assert list(status["item"]) == [i.ref for i in appendix.ITEMS]
     assert {"Table 3", "Table 12", "Fig. 14"} <= set(status["item"])
     assert status.set_index("item").loc["Fig. 7", "cpu"].startswith("shown for 1 of 14 attacks")
@@ -234,7 +234,15 @@ def test_status_covers_every_item_without_running_anything(tmp_path):
     n = int((t8.status == report.REPRODUCED).sum())
     expected = "reproduced" if n == len(t8) else f"partly: {n} of {len(t8)} cells" if n else "not yet"
     assert status.set_index("what").loc["Amount of clean data", "cpu"] == expected
+    # what filling each item takes: nothing where every cell has a record, else the grid runner's command
+    for _, row in status.iterrows():
+        if row["cpu"] == "reproduced":
+            assert row["to fill at cpu"] == "nothing left", row
+        elif row["item"] != "Fig. 7":
+            assert f"--table '{row['item']}'" in row["to fill at cpu"] and " h on one worker" in row["to fill at cpu"]
     assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="unknown profile 'gpu'; valid choices: smoke, cpu, paper"):
+        appendix.status(("cpu",), to_fill="gpu")
 
 
 def test_stack_explorer_links_control_and_panels():

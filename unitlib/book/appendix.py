@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .. import defenses, models
-from . import paper
+from ..config import PROFILES
 from ..defenses.unit import OFFICIAL_SCHEDULE
+from . import paper
 from .report import REPRODUCED, Cell, RecordIndex, Section
 
 # The 14 attacks of A.1 in Table 8's order, and the A.2 additions.
@@ -270,8 +271,13 @@ ITEMS: list[Item] = [
 
 
 def status(profiles: tuple[str, ...] = ("cpu", "paper"), results_dir: str | None = None,
-           gallery_attacks: list[str] | None = None) -> pd.DataFrame:
-    """For every appendix item: how many of its cells have a record at each profile, in words. Nothing is run."""
+           gallery_attacks: list[str] | None = None, to_fill: str | None = None) -> pd.DataFrame:
+    """For every appendix item: how many of its cells have a record at each profile, in words. With ``to_fill`` (a
+    profile), a column that says what filling the item's missing cells at that profile takes: the runs the grid
+    runner would make, their estimated hours from the seconds of earlier records (:func:`grid.estimate`) and the
+    command. Nothing is run."""
+    if to_fill is not None and to_fill not in PROFILES:
+        raise ValueError(f"unknown profile {to_fill!r}; valid choices: {', '.join(PROFILES)}")
     rows = []
     for item in ITEMS:
         row = {"item": item.ref, "what": item.title, "notebook": item.notebook}
@@ -287,5 +293,24 @@ def status(profiles: tuple[str, ...] = ("cpu", "paper"), results_dir: str | None
             found = sum(sec.outcome(c, 0, index=index).status == REPRODUCED for c in cells)
             row[p] = ("reproduced" if found == len(cells) else f"partly: {found} of {len(cells)} cells"
                       if found else "not yet")
+        if to_fill is not None:
+            row[f"to fill at {to_fill}"] = _to_fill(item, to_fill, results_dir)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _to_fill(item: Item, profile_name: str, results_dir: str | None) -> str:
+    """What running ``item``'s missing cells at ``profile_name`` takes, in words (see :func:`status`)."""
+    from . import grid
+
+    if item.cells is None:
+        return ""
+    the_plan = grid.plan(profile_name, [item], results_dir=results_dir)
+    if not the_plan.jobs:
+        return "nothing left" if not the_plan.not_implemented else (
+            f"{the_plan.not_implemented} cell(s) need an attack or defense the library does not have")
+    est = grid.estimate(the_plan, results_dir=results_dir)
+    hours = (f"about {est.total_s / 3600:.1f} h on one worker" if est.records and est.train_s is not None
+             else "time unknown (no record at this profile to estimate from)")
+    return (f"{len(the_plan.jobs)} run(s), {len(the_plan.groups())} backdoored model(s), {hours}: "
+            f"`python -m unitlib.book grid --profile {profile_name} --table '{item.ref}'`")
