@@ -455,3 +455,13 @@ def test_the_public_names_stay_on_the_package():
     from unitlib.data import DATASETS, Dataset, balanced_subset, cache_dir, defense_split, load, to_float  # noqa: F401
 
     assert data.Dataset.__module__ == "unitlib.data.dataset" and data.load.__module__ == "unitlib.data"
+
+
+def test_defense_split_names_a_class_the_attack_poisoned_entirely():
+    y = _labels(per_class=50)
+    everything_of_class_3 = torch.nonzero(y == 3).flatten()
+    with pytest.raises(ValueError, match=r"class 3 has 0 training sample\(s\) that are not poisoned \(50 are\)"):
+        data.defense_split(y, 0.1, exclude=everything_of_class_3, seed=0)
+    # one clean sample left is still too few to optimise and validate on
+    with pytest.raises(ValueError, match=r"class 3 has 1 training sample\(s\)"):
+        data.defense_split(y, 0.1, exclude=everything_of_class_3[1:], seed=0)

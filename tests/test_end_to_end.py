@@ -147,3 +147,21 @@ def test_a_diverging_run_stops_and_caches_nothing(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="training loss is not finite"):
         run(profile("smoke", defense="none", lr=1e6), save=False, progress=False, log=lambda *a: None)
     assert not list(tmp_path.glob("models/*[0-9a-f].safetensors"))
+
+
+def test_a_rate_that_leaves_the_defender_no_clean_class_fails_before_training(tmp_path, monkeypatch):
+    """SIG at 10% of the smoke set takes every image of the target class: the defender could hold none of it, so
+    the run says so before it trains a model (it used to fail after training)."""
+    from unitlib import experiment
+    from unitlib.config import profile
+
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a model whose defender split cannot be drawn")
+
+    monkeypatch.setattr(experiment, "backdoored_model", no_training)
+    exp = profile("smoke", attack="sig", defense="unit", poison_rate=0.1)
+    with pytest.raises(ValueError, match=r"class 0 has 0 training sample\(s\) that are not poisoned .*lower the "
+                                         r"poisoning rate"):
+        experiment.setup(exp, progress=False, log=lambda *a: None)

@@ -157,6 +157,10 @@ def setup(
         # An attack that trains its generator with the model poisons each batch during training (backdoored_model).
         poisoned = Poisoned(x_train, dataset.y_train, torch.empty(0, dtype=torch.long)) if joint else \
             attack.poison(x_train, dataset.y_train)
+    if not joint:
+        # the defender's split before the model is trained: a rate that leaves a class no clean sample fails now
+        opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index,
+                                              seed=exp.seed)
     with _timer(seconds, "train"):
         model, cached_meta = backdoored_model(exp, dataset, poisoned.x, poisoned.y, device=dev, progress=progress,
                                               compile=compile, attack=attack)
@@ -166,7 +170,9 @@ def setup(
         poisoned = attack.poison(x_train, dataset.y_train)
         seconds["poison"] = round(seconds["poison"] + time.perf_counter() - start, 3)
     log(f"backdoored model {'loaded from cache' if cached_meta is not None else 'trained'} in {seconds['train']:.1f}s")
-    opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index, seed=exp.seed)
+    if joint:
+        opt_idx, val_idx = data.defense_split(dataset.y_train, exp.clean_fraction, exclude=poisoned.index,
+                                              seed=exp.seed)
     clean = CleanSplit(dataset.x_train[opt_idx], dataset.y_train[opt_idx],
                        dataset.x_train[val_idx], dataset.y_train[val_idx])
     return Setup(dataset, attack, poisoned, model, cached_meta, clean, opt_idx, val_idx, seconds)

@@ -45,6 +45,13 @@ def defense_split(
     n_clean = round(clean_fraction * len(y))
     if n_clean < 1:
         raise ValueError(f"clean_fraction={clean_fraction} of {len(y)} training samples is no sample at all")
+    excluded = _exclusion_mask(exclude, len(y))
+    for c in torch.unique(y).tolist():
+        available = int(((y == c) & ~excluded).sum())
+        if available < 2:
+            raise ValueError(f"class {c} has {available} training sample(s) that are not poisoned "
+                             f"({int(((y == c) & excluded).sum())} are): the defender's clean data needs at least 2 "
+                             "of each class (one to optimise, one to validate); lower the poisoning rate")
     generator = torch.Generator().manual_seed(seed)
     clean = balanced_subset(y, n_clean, generator, exclude)
     optimise, validate = [], []
