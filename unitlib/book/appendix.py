@@ -312,5 +312,5 @@ def _to_fill(item: Item, profile_name: str, results_dir: str | None) -> str:
     est = grid.estimate(the_plan, results_dir=results_dir)
     hours = (f"about {est.total_s / 3600:.1f} h on one worker" if est.records and est.train_s is not None
              else "time unknown (no record at this profile to estimate from)")
-    return (f"{len(the_plan.jobs)} run(s), {len(the_plan.groups())} backdoored model(s), {hours}: "
-            f"`python -m unitlib.book grid --profile {profile_name} --table '{item.ref}'`")
+    return (f"{len(the_plan.jobs)} run(s), {len(the_plan.groups())} backdoored model(s), {hours}; run "
+            f"python -m unitlib.book grid --profile {profile_name} --table '{item.ref}'")
