@@ -191,3 +191,34 @@ def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
                 for b, g in zip(base, the_plan.groups())]
     assert est.scales == pytest.approx(expected)
     assert "activation-suppression 3x" in est.describe()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_time_limit_starts_no_new_model_after_it_and_the_same_grid_resumes(tmp_path, workers):
+    items = grid.select_items(tables=["Fig. 13"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path)
+    groups = len(the_plan.groups())
+    assert groups >= 3
+    lines: list[str] = []
+    # half a second: the first group(s) start at once, and a smoke model trains for longer than that
+    out = grid.run_grid(the_plan, workers=workers, results_dir=tmp_path, progress=False, log=lines.append,
+                        hours=0.5 / 3600)
+    assert 1 <= len(out) < len(the_plan.jobs) and all(e["ok"] for e in out)
+    assert len({e["key"] for e in out}) == len(out)
+    assert any(line.startswith("stopped at the time limit") for line in lines), lines
+    rest = grid.plan("smoke", items, results_dir=tmp_path)
+    assert len(rest.jobs) == len(the_plan.jobs) - len(out)
+    assert len(grid.run_grid(rest, workers=workers, results_dir=tmp_path, progress=False, log=lambda *a: None))
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_a_bad_time_limit_is_refused(bad):
+    the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 13"]))
+    with pytest.raises(ValueError, match="hours must be a number > 0"):
+        grid.run_grid(the_plan, hours=bad, progress=False, log=lambda *a: None)
+
+
+def test_a_time_limit_is_for_the_local_engine():
+    the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 13"]))
+    with pytest.raises(ValueError, match="hours applies to the local engine only"):
+        grid.run_grid(the_plan, engine="dask", hours=1.0, progress=False, log=lambda *a: None)

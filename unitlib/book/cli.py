@@ -131,6 +131,8 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
                                      "build/results/smoke)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--data-root", help="where the data sets are (default: $UNITLIB_DATA, then ../shared/data)")
+    g.add_argument("--hours", type=float, help="start no new backdoored model after this many hours (local "
+                                                "engine); what runs then finishes, the same command resumes")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return g
 
@@ -154,12 +156,14 @@ def grid_command(args: argparse.Namespace) -> int:
     try:
         out = grid.run_grid(the_plan, workers=args.workers, engine=args.engine, address=args.address,
                             results_dir=results_dir, device=args.device, data_root=args.data_root,
-                            progress=not args.quiet)
+                            progress=not args.quiet, hours=args.hours)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     failed = [e for e in out if not e["ok"]]
     total = sum(e["seconds"] for e in out)
+    left = len(the_plan.jobs) - len(out)
     print(f"{len(out) - len(failed)} of {len(out)} cell(s) done in {total:.0f} s of cell time"
-          + (f"; {len(failed)} failed (run again to retry them)" if failed else ""))
+          + (f"; {len(failed)} failed (run again to retry them)" if failed else "")
+          + (f"; {left} left at the time limit" if left else ""))
     return 1 if failed else 0

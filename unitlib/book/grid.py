@@ -16,12 +16,13 @@ run plans again and finds only what is still missing.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -365,17 +366,28 @@ def _threads_per_worker(workers: int) -> int:
 def run_grid(
     the_plan: Plan, *, workers: int = 1, engine: str = "local", address: str | None = None,
     results_dir: str | os.PathLike | None = None, device: str = "auto", data_root: str | None = None,
-    progress: bool = True, log: Callable[[str], None] = print,
+    progress: bool = True, log: Callable[[str], None] = print, hours: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run every job of ``the_plan``: one progress bar over the cells, a line per cell with its seconds. Returns one
-    entry per job (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in this
-    process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
+    entry per job run (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in
+    this process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
     without one starts a local cluster of ``workers`` processes), and the records their workers send back are
-    written here, by the driver."""
+    written here, by the driver.
+
+    ``hours`` (local engine): start no backdoored model's group once that many hours have passed since the start;
+    the groups running then finish and write their records, the rest are left for the next run of the same grid."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if hours is not None:
+        if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not hours > 0 or math.isinf(hours):
+            raise ValueError(f"hours must be a number > 0, got {hours!r}")
+        if engine != "local":
+            raise ValueError(f"hours applies to the local engine only (a cluster's tasks are all submitted at once), "
+                             f"got engine {engine!r}")
+    deadline = None if hours is None else time.monotonic() + 3600 * hours
+    in_time = (lambda: True) if deadline is None else (lambda: time.monotonic() < deadline)
     out_dir = str(results_dir) if results_dir else None
     store.check_writable(out_dir)  # before hours of work, not after
     groups = the_plan.groups()
@@ -400,13 +412,22 @@ def run_grid(
     try:
         if engine == "local" and workers == 1:
             for payload in payloads:
+                if not in_time():
+                    break
                 collect(run_group(payload, out_dir, device, data_root))
         elif engine == "local":
             threads = _threads_per_worker(workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(run_group, p, out_dir, device, data_root, threads) for p in payloads]
-                for future in as_completed(futures):
-                    collect(future.result())
+                # ``workers`` groups at a time, the next one started only while there is time left
+                queue, running = list(payloads), set()
+                while True:
+                    while queue and len(running) < workers and in_time():
+                        running.add(pool.submit(run_group, queue.pop(0), out_dir, device, data_root, threads))
+                    if not running:
+                        break
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        collect(future.result())
         elif engine == "ray":
             ray = _engine_module("ray")
             if not ray.is_initialized():
@@ -431,6 +452,10 @@ def run_grid(
                 client.close()
     finally:
         bar.close()
+    left = len(the_plan.jobs) - len(done)
+    if deadline is not None and left:
+        log(f"stopped at the time limit ({hours:g} h): {left} of {len(the_plan.jobs)} cell(s) left; the same "
+            f"command runs them")
     return done
 
 
