@@ -286,8 +286,9 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
     """How long ``the_plan`` should take on one worker, from the seconds that earlier records at the same profile
     measured on their machines: the median training time per model, scaled for each model by its training cost
     against the profile's own (:func:`training_scale`: Fig. 14's ResNet-101 costs many times the profile's model)
-    and by its attack's measured cost (:func:`attack_factors`), and per cell the median defense time of records with the same defense and defense parameters (else of the same
-    defense), plus the median evaluation time. Nothing is run."""
+    and by its attack's measured cost (:func:`attack_factors`), and per cell the median defense time of records
+    with the same defense and defense parameters (else of the same defense), plus the median evaluation time.
+    Nothing is run."""
     import warnings
 
     dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
