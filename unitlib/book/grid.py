@@ -193,7 +193,8 @@ class Estimate:
         other = [x for x in self.scales if abs(x - 1.0) > 0.05]
         span = f"{min(other):.2g}" + (f"-{max(other):.2g}" if other and max(other) > min(other) else "") if other else ""
         scaled = (f"; {len(other)} of them at another scale, {span}x the profile's training cost (multiply-adds x "
-                  f"images x epochs x the attack's measured cost): {self.train_total_s:.0f} s in all" if other else "")
+                  f"images x epochs x the attack's measured cost): {self.train_total_s:.0f} s in all"
+                  if other else "")
         train = (f"{self.models} model(s) x {self.train_s:.0f} s of training{scaled} (at most: models already in "
                  f"the model cache are loaded instead)" if self.train_s is not None
                  else f"{self.models} model(s), training time unknown (no record trained one)")
