@@ -53,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     rec_p.add_argument("--profile", help="only this profile's records")
     rec_p.add_argument("--results", help="directory of records (default: results/ of the repository)")
     rec_p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    rd = sub.add_parser("readme", help="regenerate the README's measured tables from the records")
+    rd.add_argument("--check", action="store_true", help="only say which tables are stale (exit status 1 if any)")
+    rd.add_argument("--results", help="directory of records (default: results/ of the repository)")
     add_grid_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "records":
         return records(args.results, args.profile, csv=args.csv)
+    if args.command == "readme":
+        return readme_command(args.results, check=args.check)
     if args.command == "grid":
         return grid_command(args)
     os.chdir(build.ROOT)
@@ -102,6 +107,22 @@ def records(directory: str | None = None, profile_name: str | None = None, *, cs
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table.to_csv(index=False) if csv else markdown(table), end="" if csv else "\n")
+    return 0
+
+
+def readme_command(directory: str | None = None, *, check: bool = False) -> int:
+    """Regenerate (or, with ``check``, only list) the README's generated tables, :mod:`unitlib.book.readme`."""
+    from . import readme
+
+    if directory is not None and not Path(directory).is_dir():
+        print(f"error: --results {directory!r} is not a directory of records", file=sys.stderr)
+        return 2
+    if check:
+        names = readme.stale(directory=directory)
+        print(f"stale: {', '.join(names)}" if names else "the README's generated tables match the records")
+        return 1 if names else 0
+    names = readme.update(directory=directory)
+    print(f"regenerated: {', '.join(names)}" if names else "nothing to regenerate")
     return 0
 
 
