@@ -17,7 +17,7 @@ from . import appendix, report
 
 README = store.REPO_ROOT / "README.md"
 _BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
-                    re.S)
+                    re.DOTALL)
 
 
 def _cpu_records(directory: Path | None) -> str:
