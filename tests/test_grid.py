@@ -193,6 +193,37 @@ def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
     assert "activation-suppression 3x" in est.describe()
 
 
+def test_estimate_scales_training_by_each_architectures_measured_cost(tmp_path):
+    import json
+    from pathlib import Path
+
+    the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 14"]), results_dir=tmp_path)
+    planned = [grid.architecture(g[0].experiment) for g in the_plan.groups()]
+    assert planned == ["resnet18 (width 8)", "resnet34 (width 8)", "resnet50 (width 8)", "resnet101 (width 8)"]
+    smoke = profile("smoke")
+    template = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
+    # three models of the profile's own architecture trained at 10 s per unit of training cost, one ResNet-18 at 40
+    deep = smoke.replace(model="resnet18", width=8)
+    rows = [(smoke, 10.0)] * 3 + [(deep, 40.0 * grid.training_scale(deep, smoke))]
+    for i, (exp, train) in enumerate(rows):
+        rec = json.loads(json.dumps(template))
+        rec["config"].update(profile="smoke", attack="badnets", defense="none", defense_params={}, seed=i,
+                             model=exp.model, width=exp.width, train_size=exp.train_size, epochs=exp.epochs,
+                             dataset=exp.dataset, activation=exp.activation)
+        rec["key"] = f"{i:064x}"
+        rec["seconds"] = {"train": train, "defense": 0.0, "eval_after": 1.0}
+        rec["provenance"]["model_from_cache"] = False
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+    est = grid.estimate(the_plan, results_dir=tmp_path)
+    assert est.model_factors == (("resnet18 (width 8)", pytest.approx(4.0)),)
+    assert est.unmeasured_models == ("resnet34 (width 8)", "resnet50 (width 8)", "resnet101 (width 8)")
+    base = [grid.training_scale(g[0].experiment, smoke) for g in the_plan.groups()]
+    assert est.scales == pytest.approx([base[0] * 4.0, *base[1:]])
+    assert not est.attack_factors  # the architecture's cost is not taken for the attack's
+    text = est.describe()
+    assert "resnet18 (width 8) 4x" in text and "no record yet of resnet34 (width 8)" in text
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_time_limit_starts_no_new_model_after_it_and_the_same_grid_resumes(tmp_path, workers):
     items = grid.select_items(tables=["Fig. 13"])

@@ -177,6 +177,11 @@ class Estimate:
     # the attacks of the plan whose training measured slower or faster than the median (activation suppression
     # runs a triggered forward pass beside each clean one): (attack, factor), already folded into ``scales``
     attack_factors: tuple[tuple[str, float], ...] = ()
+    # the architectures of the plan whose training measured slower or faster per multiply-add than the median (a
+    # narrow, deep ResNet keeps two CPU cores busier per multiply-add than the profile's model): (architecture,
+    # factor), already folded into ``scales``; and those with no record to measure it, estimated by multiply-adds
+    model_factors: tuple[tuple[str, float], ...] = ()
+    unmeasured_models: tuple[str, ...] = ()
 
     @property
     def train_total_s(self) -> float:
@@ -193,7 +198,7 @@ class Estimate:
         other = [x for x in self.scales if abs(x - 1.0) > 0.05]
         span = f"{min(other):.2g}" + (f"-{max(other):.2g}" if other and max(other) > min(other) else "") if other else ""
         scaled = (f"; {len(other)} of them at another scale, {span}x the profile's training cost (multiply-adds x "
-                  f"images x epochs x the attack's measured cost): {self.train_total_s:.0f} s in all"
+                  f"images x epochs x the attack's and the architecture's measured cost): {self.train_total_s:.0f} s in all"
                   if other else "")
         train = (f"{self.models} model(s) x {self.train_s:.0f} s of training{scaled} (at most: models already in "
                  f"the model cache are loaded instead)" if self.train_s is not None
@@ -201,8 +206,12 @@ class Estimate:
         unknown = f"; not counted, no record of: {', '.join(self.unknown)}" if self.unknown else ""
         slower = ", ".join(f"{a} {f:.2g}x" for a, f in self.attack_factors)
         attacks = f"; training cost measured per attack: {slower}" if slower else ""
+        per_model = ", ".join(f"{m} {f:.2g}x" for m, f in self.model_factors)
+        per_model = f"; per multiply-add, measured per architecture: {per_model}" if per_model else ""
+        unmeasured = (f"; no record yet of {', '.join(self.unmeasured_models)}: estimated by multiply-adds alone, "
+                      f"which undercounts narrow, deep networks" if self.unmeasured_models else "")
         return (f"estimate from {self.records} record(s): {self.total_s / 3600:.1f} h on one worker = {train} + "
-                f"{self.cells_s:.0f} s of defenses and evaluations{attacks}{unknown}")
+                f"{self.cells_s:.0f} s of defenses and evaluations{attacks}{per_model}{unmeasured}{unknown}")
 
 
 def _median(values: list[float]) -> float | None:
@@ -261,26 +270,48 @@ def _cached_multiply_adds(model: str, width: int | None, activation: str) -> flo
     return _multiply_adds(model, width, activation)
 
 
-def attack_factors(records: list, reference: Experiment) -> dict[str, float]:
-    """Per attack, its measured training seconds over every attack's, both per unit of training cost
-    (:func:`training_scale`) and as medians over the records that trained their model: what an attack's own training
-    adds (a generator trained with the classifier, a second forward pass per batch). Attacks within 10% of 1 are left
-    out."""
-    per_attack: dict[str, list[float]] = {}
+def architecture(experiment: Experiment) -> str:
+    """The name :func:`model_factors` measures an architecture under: the model and its width."""
+    return f"{experiment.model}" + (f" (width {experiment.width})" if experiment.width is not None else "")
+
+
+def _seconds_per_cost(records: list, reference: Experiment, key: Callable[[Any], str],
+                      factor: Callable[[Any], float] | None = None) -> dict[str, float]:
+    """Per ``key`` of the records that trained their model: the median of training seconds per unit of training
+    cost (:func:`training_scale`, divided by ``factor`` too where given), over the median of all of them; keys within
+    10% of 1 are left out."""
+    groups: dict[str, list[float]] = {}
     for r in records:
         seconds = r.seconds.get("train", 0)
         if r.provenance.get("model_from_cache") or seconds <= 1:
             continue
         try:
-            scale = training_scale(r.experiment, reference)
+            scale = training_scale(r.experiment, reference) * (factor(r) if factor else 1.0)
         except (KeyError, TypeError, ValueError):
             continue
-        per_attack.setdefault(r.config.get("attack", ""), []).append(seconds / scale)
-    overall = _median([v for values in per_attack.values() for v in values])
+        groups.setdefault(key(r), []).append(seconds / scale)
+    overall = _median([v for values in groups.values() for v in values])
     if not overall:
         return {}
-    factors = {a: _median(v) / overall for a, v in per_attack.items()}
-    return {a: f for a, f in sorted(factors.items()) if abs(f - 1.0) > 0.1}
+    factors = {k: _median(v) / overall for k, v in groups.items()}
+    return {k: f for k, f in sorted(factors.items()) if abs(f - 1.0) > 0.1}
+
+
+def model_factors(records: list, reference: Experiment) -> dict[str, float]:
+    """Per architecture (:func:`architecture`), its measured training seconds per multiply-add over every
+    architecture's (medians over the records that trained their model): multiply-adds alone undercount what a
+    narrow, deep network costs on a CPU, where each of its many small layers has a fixed overhead."""
+    return _seconds_per_cost(records, reference, lambda r: architecture(r.experiment))
+
+
+def attack_factors(records: list, reference: Experiment) -> dict[str, float]:
+    """Per attack, its measured training seconds over every attack's, both per unit of training cost
+    (:func:`training_scale`, and the architecture's measured cost, :func:`model_factors`) and as medians over the
+    records that trained their model: what an attack's own training adds (a generator trained with the classifier, a
+    second forward pass per batch). Attacks within 10% of 1 are left out."""
+    per_model = model_factors(records, reference)
+    return _seconds_per_cost(records, reference, lambda r: r.config.get("attack", ""),
+                             lambda r: per_model.get(architecture(r.experiment), 1.0))
 
 
 def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) -> Estimate:
@@ -320,11 +351,22 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
         cells += (seconds or 0.0) + per_eval
     reference = profile(the_plan.profile)
     factors = attack_factors(records, reference)
+    per_model = model_factors(records, reference)
     groups = the_plan.groups()
-    scales = tuple(training_scale(group[0].experiment, reference) * factors.get(group[0].experiment.attack, 1.0)
-                   for group in groups)
+    scales = tuple(training_scale(g[0].experiment, reference) * factors.get(g[0].experiment.attack, 1.0)
+                   * per_model.get(architecture(g[0].experiment), 1.0) for g in groups)
     named = tuple((a, factors[a]) for a in dict.fromkeys(g[0].experiment.attack for g in groups) if a in factors)
-    return Estimate(train, len(groups), cells, tuple(dict.fromkeys(unknown)), len(records), scales, named)
+    planned = list(dict.fromkeys(architecture(g[0].experiment) for g in groups))
+    measured = set()
+    for r in records:
+        if not r.provenance.get("model_from_cache") and r.seconds.get("train", 0) > 1:
+            try:
+                measured.add(architecture(r.experiment))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return Estimate(train, len(groups), cells, tuple(dict.fromkeys(unknown)), len(records), scales, named,
+                    tuple((m, per_model[m]) for m in planned if m in per_model),
+                    tuple(m for m in planned if m not in measured))
 
 
 def run_group(
