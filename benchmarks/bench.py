@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,39 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from unitlib import config, models
 from unitlib.defenses import UNIT, CleanSplit
 from unitlib.results import device_name
-from unitlib.train import Recipe, augment, autocast, resolve_device
+from unitlib.train import Recipe, resolve_device, throughput
 
 
 def time_train(exp: config.Experiment, n_train: int, max_steps: int, device: torch.device) -> dict:
-    model = models.build(exp.model, width=exp.width, activation=exp.activation).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     recipe: Recipe = exp.recipe()
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     steps = min(steps_per_epoch, max_steps)
-    x = torch.rand(recipe.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
-
-    def step() -> None:
-        xb = augment(x, 4, True).contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(xb), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    for _ in range(3):  # warm-up
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    per_step = (time.perf_counter() - start) / steps
+    model = models.build(exp.model, width=exp.width, activation=exp.activation)
+    images_per_s = throughput(model, recipe, steps=steps, device=device)
     return {
-        "images_per_s": recipe.batch_size / per_step,
-        "epoch_s": per_step * steps_per_epoch,
+        "images_per_s": images_per_s,
+        "epoch_s": n_train / images_per_s,
         "epoch_images": n_train,
         "measured_steps": steps,
         "extrapolated": steps < steps_per_epoch,
@@ -86,11 +64,6 @@ def time_unit(exp: config.Experiment, n_opt: int, n_val: int, max_steps: int, de
     out["official_over_defaults_at_cap"] = out["official"]["run_s"] / out["defaults"]["run_s"]
     out["step_official_over_defaults"] = out["official"]["step_s"] / out["defaults"]["step_s"]
     return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -253,3 +253,52 @@ def test_a_time_limit_is_for_the_local_engine():
     the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 13"]))
     with pytest.raises(ValueError, match="hours applies to the local engine only"):
         grid.run_grid(the_plan, engine="dask", hours=1.0, progress=False, log=lambda *a: None)
+
+
+def test_calibration_compares_this_machines_speed_with_the_records_at_the_profiles_own_scale():
+    from types import SimpleNamespace
+
+    cpu = profile("cpu")
+    own = {k: getattr(cpu, k) for k in ("model", "width", "activation", "train_size", "epochs", "batch_size")}
+    images = 50_000 * cpu.epochs
+
+    def rec(seconds, cached=False, **changes):
+        return SimpleNamespace(seconds={"train": seconds}, provenance={"model_from_cache": cached},
+                               config={"profile": "cpu", **own, **changes})
+
+    records = [rec(images / 1000), rec(images / 1200), rec(images / 1100),
+               rec(images / 10, cached=True),  # loaded from the cache: its seconds are no training
+               rec(images / 10, model="resnet18"), rec(images / 10, epochs=2),  # another scale
+               rec(images / 10, profile="smoke")]
+    seen = []
+    cal = grid.calibrate("cpu", records, speed=lambda exp, device: seen.append(exp) or 550.0)
+    assert seen == [cpu]  # timed on the profile's own model
+    assert cal.records == 3 and cal.records_images_per_s == pytest.approx(1100)
+    assert cal.factor == pytest.approx(2.0)
+    assert "550 images/s" in cal.describe() and "times 2" in cal.describe()
+    with pytest.raises(ValueError, match="no record at profile 'cpu' trained its own model"):
+        grid.calibrate("cpu", records[3:], speed=lambda exp, device: 1.0)
+
+
+def test_throughput_times_training_steps_of_a_model():
+    from unitlib import models
+    from unitlib.train import Recipe, throughput
+
+    net = models.build("small-cnn", width=4)
+    assert throughput(net, Recipe(batch_size=8), steps=2, warmup=1) > 0
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        throughput(net, Recipe(batch_size=8), steps=0)
+
+
+def test_grid_list_calibrate_prints_the_estimate_for_this_machine(monkeypatch, capsys):
+    from unitlib.book import cli
+
+    monkeypatch.setattr(grid, "_measure_speed", lambda exp, device: 100.0)
+    assert cli.main(["grid", "--profile", "cpu", "--table", "Table 9", "--seeds", "99", "--list", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    est_line = next(line for line in out.splitlines() if line.startswith("estimate from"))
+    cal_line = next(line for line in out.splitlines() if line.startswith("this machine trains"))
+    hours = float(est_line.split(": ")[1].split(" h")[0])
+    factor = float(cal_line.split("times ")[1].split(":")[0])
+    assert "at 100 images/s" in cal_line and factor > 1
+    assert float(cal_line.split("about ")[1].split(" h")[0]) == pytest.approx(hours * factor, rel=0.1)

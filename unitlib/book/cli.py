@@ -154,6 +154,9 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--data-root", help="where the data sets are (default: $UNITLIB_DATA, then ../shared/data)")
     g.add_argument("--hours", type=float, help="start no new backdoored model after this many hours (local "
                                                 "engine); what runs then finishes, the same command resumes")
+    g.add_argument("--calibrate", action="store_true",
+                   help="time a few training steps of the profile's model here (seconds) and scale the estimate "
+                        "by this machine's speed against the records'")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return g
 
@@ -171,7 +174,17 @@ def grid_command(args: argparse.Namespace) -> int:
         return 2
     print(the_plan.describe(), flush=True)
     if the_plan.jobs:
-        print(grid.estimate(the_plan, results_dir=results_dir).describe(), flush=True)
+        est = grid.estimate(the_plan, results_dir=results_dir)
+        print(est.describe(), flush=True)
+        if args.calibrate and est.records:
+            try:
+                cal = grid.calibrate(args.profile, grid.profile_records(args.profile, results_dir),
+                                     device=None if args.device == "auto" else args.device)
+            except ValueError as err:
+                print(f"not calibrated: {err}", flush=True)
+            else:
+                print(f"{cal.describe()}: about {est.total_s * cal.factor / 3600:.1f} h on one worker here",
+                      flush=True)
     if args.list or not the_plan.jobs:
         return 0
     try:

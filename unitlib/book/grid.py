@@ -314,6 +314,67 @@ def attack_factors(records: list, reference: Experiment) -> dict[str, float]:
                              lambda r: per_model.get(architecture(r.experiment), 1.0))
 
 
+def profile_records(profile_name: str, results_dir: str | os.PathLike | None = None) -> list:
+    """The records at ``profile_name`` in the committed ``results/`` and ``results_dir``."""
+    import warnings
+
+    dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unreadable records are reported where records are listed, not here
+        return [r for d in dict.fromkeys(dirs) if d.exists() for r in store.load_all(d)
+                if r.config.get("profile") == profile_name]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """This machine's training speed for a profile's own model against the records' (images per second)."""
+
+    images_per_s: float
+    records_images_per_s: float
+    records: int
+
+    @property
+    def factor(self) -> float:
+        """How many times the records' seconds a run takes here (above 1: this machine is slower)."""
+        return self.records_images_per_s / self.images_per_s
+
+    def describe(self) -> str:
+        return (f"this machine trains the profile's model at {self.images_per_s:.0f} images/s, the {self.records} "
+                f"record(s) that trained it at {self.records_images_per_s:.0f} (median): times {self.factor:.2g}")
+
+
+def _measure_speed(experiment: Experiment, device: str | None) -> float:
+    from .. import models
+    from ..train import throughput
+
+    model = models.build(experiment.model, width=experiment.width, activation=experiment.activation)
+    return throughput(model, experiment.recipe(), device=device)
+
+
+def calibrate(profile_name: str, records: list, *, device: str | None = None,
+              speed: Callable[[Experiment, str | None], float] | None = None) -> Calibration:
+    """Time a few training steps of ``profile_name``'s own model here (``speed``: images per second; by default
+    :func:`unitlib.train.throughput`, about 15 steps) and compare with the records that trained that model at the
+    profile's own scale (same model, width, activation, training images, epochs and batch size; median images per
+    second). The estimate of a plan (:func:`estimate`) times :attr:`Calibration.factor` is its estimate for this
+    machine: records made on a faster or slower machine say little about this one otherwise."""
+    reference = profile(profile_name)
+    images = reference.train_size or TRAIN_IMAGES.get(reference.dataset)
+    if images is None:
+        raise ValueError(f"the size of data set {reference.dataset!r} is not known: nothing to calibrate against")
+    keys = ("model", "width", "activation", "train_size", "epochs", "batch_size")
+    rates = []
+    for r in records:
+        seconds = r.seconds.get("train", 0)
+        if r.provenance.get("model_from_cache") or seconds <= 1 or r.config.get("profile") != profile_name:
+            continue
+        if all(r.config.get(k) == getattr(reference, k) for k in keys):
+            rates.append(images * reference.epochs / seconds)
+    if not rates:
+        raise ValueError(f"no record at profile {profile_name!r} trained its own model: nothing to calibrate against")
+    return Calibration((speed or _measure_speed)(reference, device), _median(rates), len(rates))
+
+
 def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) -> Estimate:
     """How long ``the_plan`` should take on one worker, from the seconds that earlier records at the same profile
     measured on their machines: the median training time per model, scaled for each model by its training cost
@@ -321,13 +382,7 @@ def estimate(the_plan: Plan, *, results_dir: str | os.PathLike | None = None) ->
     and by its attack's measured cost (:func:`attack_factors`), and per cell the median defense time of records
     with the same defense and defense parameters (else of the same defense), plus the median evaluation time.
     Nothing is run."""
-    import warnings
-
-    dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unreadable records are reported where records are listed, not here
-        records = [r for d in dict.fromkeys(dirs) if d.exists() for r in store.load_all(d)
-                   if r.config.get("profile") == the_plan.profile]
+    records = profile_records(the_plan.profile, results_dir)
     train = _median([r.seconds["train"] for r in records
                      if not r.provenance.get("model_from_cache") and r.seconds.get("train", 0) > 1])
     exact: dict[tuple[str, str], list[float]] = {}
