@@ -154,12 +154,14 @@ def test_fit_calls_the_hook_on_every_batch_with_its_indices():
         assert torch.equal(torch.cat(hook.seen[epoch * 4:(epoch + 1) * 4]).sort().values, torch.arange(100))
 
 
-# ASR bars for the smoke profile's backdoors with the attacks' SMOKE_PARAMS, below the lowest seed measured with
-# benchmarks/generator_smoke.py's pipeline (one thread): Dynamic 0.973-1.000 (seeds 0-4), IA 0.28-0.65 (seeds 0-3;
-# seed 0, the one tested, 0.49). A clean smoke model sends 0.2% (an IA trigger, 2-epoch mask) and 2.4% (Dynamic's)
-# of the non-target test images to the target. IA's smoke backdoor is partial: 6 epochs of a small CNN learn its
-# input-specific triggers only in part, by an amount that varies with the seed.
-SMOKE_ASR = {"dynamic": 0.9, "ia": 0.15}
+# ASR bars for the smoke profile's backdoors with the attacks' SMOKE_PARAMS, below the lowest run measured with
+# benchmarks/generator_smoke.py's pipeline: Dynamic 0.973-1.000 (seeds 0-4, one thread). IA's smoke backdoor is
+# partial (6 epochs of a small CNN learn its input-specific triggers only in part) by an amount that varies with the
+# seed and with the CPU's and thread count's floating-point order: 0.28-0.65 on one machine (seeds 0-3, one thread;
+# seed 0, the one tested, 0.49), 0.131 (seed 0) and 0.133 (seed 1) on one thread of another, 0.329 (seed 0) on two.
+# A clean smoke model sends 0.2% (an IA trigger, 2-epoch mask) and 2.4% (Dynamic's) of the non-target test images
+# to the target: IA's bar, 0.05, is 25 times the clean model's rate and 2.6 times under the lowest run measured.
+SMOKE_ASR = {"dynamic": 0.9, "ia": 0.05}
 
 
 @pytest.mark.parametrize("name", ["dynamic", "ia"])
