@@ -168,22 +168,26 @@ def test_training_estimates_scale_with_the_models_multiply_adds_images_and_epoch
     assert "1 of them at another scale, 3x the profile's training cost" in est.describe()
 
 
-def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
+def _trained_record(folder, i, train_s, **config):
+    """A copy of a committed record, at smoke, of a model trained (not loaded) in ``train_s`` seconds."""
     import json
     from pathlib import Path
 
+    rec = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
+    rec["config"].update(profile="smoke", defense="none", defense_params={}, seed=i, **config)
+    rec["key"] = f"{i:064x}"
+    rec["seconds"] = {"train": train_s, "defense": 0.0, "eval_after": 1.0}
+    rec["provenance"]["model_from_cache"] = False
+    (folder / f"r{i}.json").write_text(json.dumps(rec))
+
+
+def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
     the_plan = grid.plan("smoke", grid.select_items(tables=["Table 4"]), results_dir=tmp_path)
     attacks = {g[0].experiment.attack for g in the_plan.groups()}
     assert "activation-suppression" in attacks
-    template = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
     # three BadNets models trained in 10 s, one activation-suppression model in 30 s (per unit of training cost)
     for i, (attack, train) in enumerate([("badnets", 10.0)] * 3 + [("activation-suppression", 30.0)]):
-        rec = json.loads(json.dumps(template))
-        rec["config"].update(profile="smoke", attack=attack, defense="none", defense_params={}, seed=i)
-        rec["key"] = f"{i:064x}"
-        rec["seconds"] = {"train": train, "defense": 0.0, "eval_after": 1.0}
-        rec["provenance"]["model_from_cache"] = False
-        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+        _trained_record(tmp_path, i, train, attack=attack)
     est = grid.estimate(the_plan, results_dir=tmp_path)
     assert est.attack_factors == (("activation-suppression", pytest.approx(3.0)),)
     base = [grid.training_scale(g[0].experiment, profile("smoke")) for g in the_plan.groups()]
@@ -194,26 +198,16 @@ def test_estimate_scales_training_by_each_attacks_measured_cost(tmp_path):
 
 
 def test_estimate_scales_training_by_each_architectures_measured_cost(tmp_path):
-    import json
-    from pathlib import Path
-
     the_plan = grid.plan("smoke", grid.select_items(tables=["Fig. 14"]), results_dir=tmp_path)
     planned = [grid.architecture(g[0].experiment) for g in the_plan.groups()]
     assert planned == ["resnet18 (width 8)", "resnet34 (width 8)", "resnet50 (width 8)", "resnet101 (width 8)"]
     smoke = profile("smoke")
-    template = json.loads(next(Path(results.RESULTS_DIR).glob("*__unit__*.json")).read_text())
     # three models of the profile's own architecture trained at 10 s per unit of training cost, one ResNet-18 at 40
     deep = smoke.replace(model="resnet18", width=8)
     rows = [(smoke, 10.0)] * 3 + [(deep, 40.0 * grid.training_scale(deep, smoke))]
     for i, (exp, train) in enumerate(rows):
-        rec = json.loads(json.dumps(template))
-        rec["config"].update(profile="smoke", attack="badnets", defense="none", defense_params={}, seed=i,
-                             model=exp.model, width=exp.width, train_size=exp.train_size, epochs=exp.epochs,
-                             dataset=exp.dataset, activation=exp.activation)
-        rec["key"] = f"{i:064x}"
-        rec["seconds"] = {"train": train, "defense": 0.0, "eval_after": 1.0}
-        rec["provenance"]["model_from_cache"] = False
-        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+        _trained_record(tmp_path, i, train, attack="badnets", model=exp.model, width=exp.width,
+                        train_size=exp.train_size, epochs=exp.epochs, dataset=exp.dataset, activation=exp.activation)
     est = grid.estimate(the_plan, results_dir=tmp_path)
     assert est.model_factors == (("resnet18 (width 8)", pytest.approx(4.0)),)
     assert est.unmeasured_models == ("resnet34 (width 8)", "resnet50 (width 8)", "resnet101 (width 8)")
