@@ -280,6 +280,7 @@ def test_throughput_times_training_steps_of_a_model():
 
     net = models.build("small-cnn", width=4)
     assert throughput(net, Recipe(batch_size=8), steps=2, warmup=1) > 0
+    assert throughput(net, Recipe(batch_size=8, momentum=0.0), steps=1, warmup=0) > 0  # plain SGD, as fit allows
     with pytest.raises(ValueError, match="steps must be >= 1"):
         throughput(net, Recipe(batch_size=8), steps=0)
 

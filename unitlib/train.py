@@ -288,7 +288,8 @@ def throughput(
     model = model.to(dev).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0)  # as fit: Nesterov needs momentum
     x = torch.rand(recipe.batch_size, *image_shape, device=dev)
     y = torch.randint(0, num_classes, (recipe.batch_size,), device=dev)
 
