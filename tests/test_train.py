@@ -1,3 +1,8 @@
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -83,3 +88,32 @@ def test_fit_calls_on_epoch_after_each_epoch():
     fit(models.build("small-cnn", width=4, num_classes=2), x, y, Recipe(epochs=3, batch_size=32), progress=False,
         on_epoch=seen.append)
     assert seen == [1, 2, 3]
+
+
+def _allocator_in_a_fresh_process(setting: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != train.ALLOCATOR_ENV}
+    if setting is not None:
+        env[train.ALLOCATOR_ENV] = setting
+    code = "from unitlib.train import tune_allocator; print(tune_allocator(), tune_allocator())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_tune_allocator_states():
+    """glibc's malloc is tuned once per process (idempotent); UNITLIB_MALLOC=default leaves it alone; a bad value is
+    an error naming the valid ones. Each case runs in a fresh process: the setting is process-wide."""
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    done = _allocator_in_a_fresh_process(None)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == (["tuned"] * 2 if glibc else ["unavailable"] * 2)
+    assert _allocator_in_a_fresh_process("default").stdout.split() == ["off", "off"]
+    bad = _allocator_in_a_fresh_process("jemalloc")
+    assert bad.returncode != 0 and "UNITLIB_MALLOC='jemalloc'; valid choices: tuned, default" in bad.stderr
+
+
+def test_fit_tunes_the_allocator_on_cpu_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "tune_allocator", lambda: calls.append(1) or "tuned")
+    model = models.build("small-cnn", num_classes=2, in_channels=1, width=4)
+    fit(model, torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,)), Recipe(epochs=1, batch_size=8), device="cpu",
+        progress=False)
+    assert calls == [1]

@@ -16,7 +16,7 @@ from .attacks import Attack, Poisoned
 from .config import Experiment
 from .defenses import CleanSplit
 from .metrics import evaluate
-from .train import fit, resolve_device
+from .train import fit, resolve_device, tune_allocator
 
 
 @contextmanager
@@ -141,6 +141,8 @@ def setup(
 ) -> Setup:
     """The one pipeline up to the defense, as :func:`run` uses it (and the widgets and benchmarks with it)."""
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_allocator()
     seconds: dict[str, float] = {}
     torch.manual_seed(exp.seed)
     with _timer(seconds, "data"):
