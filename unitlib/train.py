@@ -167,7 +167,7 @@ def tune_allocator() -> str:
             libc = ctypes.CDLL(None)
             mallopt = libc.mallopt
             libc.gnu_get_libc_version  # noqa: B018 - only glibc has it; musl has a mallopt that does nothing
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: Windows' ctypes cannot open the process itself
             return _allocator_state
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         # without the trim threshold, a large block freed at the top of the heap would be handed back and faulted in
