@@ -110,7 +110,7 @@ def test_tune_allocator_states():
     assert bad.returncode != 0 and "UNITLIB_MALLOC='jemalloc'; valid choices: tuned, default" in bad.stderr
 
 
-def test_fit_tunes_the_allocator_on_cpu_only(monkeypatch):
+def test_fit_tunes_the_allocator_on_the_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(train, "tune_allocator", lambda: calls.append(1) or "tuned")
     model = models.build("small-cnn", num_classes=2, in_channels=1, width=4)
