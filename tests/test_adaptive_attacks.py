@@ -87,6 +87,28 @@ def test_activation_suppression_pulls_triggered_activations_towards_clean_ones(t
         attacks.get("activation-suppression", alpha=-1)
 
 
+def test_activation_suppression_paired_objective_adds_the_triggered_copies_loss():
+    """Eq. 6 as printed: the regulariser also holds the cross-entropy of every image's triggered copy against the
+    target, computed from the same forward pass."""
+    import torch.nn.functional as F
+
+    from unitlib import models
+
+    torch.manual_seed(0)
+    x, y = _data(32)
+    model = models.build("small-cnn", width=4).eval()
+    for alpha in (0.0, 1.5):
+        plain = attacks.get("activation-suppression", alpha=alpha, target=3)
+        paired = attacks.get("activation-suppression", alpha=alpha, target=3, objective="paired")
+        with torch.no_grad():
+            ce = F.cross_entropy(model(plain.apply(x).clamp(0, 1)), torch.full((32,), 3)).item()
+            want = plain.training_regulariser(model, x, y).item() + ce
+            assert paired.training_regulariser(model, x, y).item() == pytest.approx(want, rel=1e-5)
+    assert ce > 0
+    with pytest.raises(ValueError, match="objective must be one of poisoned, paired, got 'eq6'"):
+        attacks.get("activation-suppression", objective="eq6")
+
+
 def test_activation_suppression_is_used_in_training(tmp_path, monkeypatch):
     from unitlib.attacks.adaptive import ActivationSuppression
 

@@ -189,3 +189,28 @@ def test_a_record_made_before_the_attack_raised_its_cache_version_is_stale(tmp_p
     assert results.find(exp, tmp_path) is None
     now = _record(report={"resolved": {**resolved, "attack_version": 2}})
     assert results.stale_reason(now, exp) is None
+
+
+def test_a_parameter_added_at_its_old_behaviour_keeps_records_and_models(tmp_path):
+    """An attack that gains an option (``added_params``) keeps the records and cached models made before it: a
+    record without the parameter reads as made at the value it was added with, and the model key leaves it out
+    there. Any other value is another experiment."""
+    exp = profile("smoke", attack="activation-suppression", attack_params={"alpha": 1.0})
+    resolved = {"attack": exp.make_attack().params(), "defense": exp.make_defense().params()}
+    assert resolved["attack"]["objective"] == "poisoned"
+    before = {**resolved, "attack": {k: v for k, v in resolved["attack"].items() if k != "objective"}}
+    assert results.stale_reason(_record(report={"resolved": before}), exp) is None
+    paired = exp.replace(attack_params={"alpha": 1.0, "objective": "paired"})
+    assert results.stale_reason(_record(report={"resolved": before}), paired) == (
+        "attack defaults changed since it was made: objective 'poisoned' -> 'paired'")
+    # the cache key is the one the attack had before the option existed
+    from unitlib.attacks.adaptive import ActivationSuppression
+
+    key = results.attack_identity(exp)
+    assert results.attack_identity(paired) != key
+    added = ActivationSuppression.added_params
+    try:
+        ActivationSuppression.added_params = {}
+        assert results.attack_identity(exp) != key  # without the declaration the new field would change the key
+    finally:
+        ActivationSuppression.added_params = added

@@ -175,7 +175,10 @@ def stale_reason(record: Record, experiment: Experiment, *, defense: bool = True
     for part, make in parts:
         if part not in resolved:
             continue
-        now, then = _canonical(make().params()), _canonical(resolved[part])
+        obj = make()
+        now, then = _canonical(obj.params()), _canonical(resolved[part])
+        # A parameter added since the record was made reads as the value that reproduces the older runs.
+        then = {**_canonical(getattr(type(obj), "added_params", {})), **then}
         changed = sorted(k for k in set(now) | set(then) if now.get(k, MISSING) != then.get(k, MISSING))
         if changed:
             diffs = ", ".join(f"{k} {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
@@ -315,11 +318,13 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 def attack_identity(experiment: Experiment) -> str:
     """What decides the poisoned training set beyond the experiment's own fields: the attack's class, its
-    ``cache_version`` and every parameter as resolved today, defaults included. An attack whose defaults or trigger
+    ``cache_version`` and every parameter as resolved today, defaults included (but a parameter of the attack's
+    ``added_params`` at the value it was added with, which changes nothing). An attack whose defaults or trigger
     change (a new ``cache_version``) so gets new cached models instead of reusing ones made the old way."""
     attack = experiment.make_attack()
-    ident = {"attack": type(attack).__name__, "version": getattr(type(attack), "cache_version", 1),
-             "params": attack.params()}
+    added = _canonical(getattr(type(attack), "added_params", {}))
+    params = {k: v for k, v in attack.params().items() if k not in added or _canonical(v) != added[k]}
+    ident = {"attack": type(attack).__name__, "version": getattr(type(attack), "cache_version", 1), "params": params}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -12,12 +12,16 @@ training set (``poison_rate``, ``negative_rate``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from .badnets import BadNets
 from .base import Poisoned
 from .registry import register
+
+OBJECTIVES = ("poisoned", "paired")
 
 
 def _draw(pool: torch.Tensor, n: int, generator: torch.Generator, what: str) -> torch.Tensor:
@@ -135,34 +139,54 @@ class ActivationSuppression(BadNets):
     triggered image towards its output on the clean one, so that the backdoor leaves no abnormally large activation
     for UNIT to bound. ``F_l`` are the model's activation modules (the sites UNIT bounds); the squared distance is
     the mean over a layer's elements and the batch (the appendix does not say how it is normalised), so ``alpha``
-    weighs each layer equally. ``alpha = 0`` is plain BadNets (Table 4's first row)."""
+    weighs each layer equally. ``alpha = 0`` is plain BadNets (Table 4's first row).
+
+    ``objective`` says where the backdoor's own loss comes from (the appendix's text and its Eq. 6 differ):
+
+    - ``"poisoned"`` (default; the text: "BadNets ... with the adaptive loss"): the poisoned share of the training
+      set (``poison_rate``) carries it; the suppression term covers every image of a batch.
+    - ``"paired"`` (Eq. 6 as printed): every image of a batch also gives ``L(M(x + T), y_T)``, its triggered copy
+      trained to the target, from the same forward pass as the suppression term, on top of the poisoned share.
+      The backdoor then weighs as much as the clean task, as the suppression term pulls against it."""
 
     name = "activation-suppression"
     citation = "Cheng et al., UNIT, ECCV 2024, appendix A.4 (Eq. 6, activation suppression)"
+    added_params: ClassVar[dict[str, object]] = {"objective": "poisoned"}
 
     alpha: float = 1.0
+    objective: str = "poisoned"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"alpha must be a number >= 0, got {self.alpha!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
     def training_regulariser(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``alpha`` times the summed per-layer mean squared difference of activations on ``x`` and on ``x`` with
-        the trigger (one forward pass over both)."""
+        the trigger (one forward pass over both); with ``objective="paired"``, plus the mean cross-entropy of the
+        triggered copies against the target."""
         del y
-        if self.alpha == 0:
+        paired = self.objective == "paired"
+        if self.alpha == 0 and not paired:
             return torch.zeros((), device=x.device)
         from ..models.activations import ACTIVATION_TYPES
 
         outputs: list[torch.Tensor] = []
         handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o))
-                   for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+                   for m in model.modules() if isinstance(m, ACTIVATION_TYPES)] if self.alpha else []
+        n = len(x)
         try:
-            model(torch.cat([x, self.apply(x).clamp(0, 1)]))
+            logits = model(torch.cat([x, self.apply(x).clamp(0, 1)]))
         finally:
             for h in handles:
                 h.remove()
-        n = len(x)
-        total = sum(((o[:n] - o[n:]) ** 2).mean() for o in outputs)
-        return self.alpha * total
+        loss = torch.zeros((), device=x.device)
+        if self.alpha:
+            loss = loss + self.alpha * sum(((o[:n] - o[n:]) ** 2).mean() for o in outputs)
+        if paired:
+            target = torch.full((n,), self.target, dtype=torch.long, device=x.device)
+            loss = loss + F.cross_entropy(logits[n:], target)
+        return loss
+

@@ -45,6 +45,11 @@ class Attack:
     # Part of the model cache's key (``results.attack_identity``): raise it when the poisoned images an attack
     # makes change with parameters that do not, so that models trained the old way are not reused.
     cache_version: ClassVar[int] = 1
+    # Parameters added after records were made, each with the value that reproduces how the attack ran before it
+    # existed (normally its default). A record without such a parameter reads as made at that value
+    # (``results.stale_reason``), and a model cache key leaves it out at that value (``results.attack_identity``), so
+    # adding an option does not retire the records and models made without it.
+    added_params: ClassVar[dict[str, object]] = {}
 
     target: int = 0
     poison_rate: float = 0.1
