@@ -114,8 +114,10 @@ def test_seconds_per_defense_are_the_records_own(tmp_path):
 
 def _a4_tables(unit_asr5=1.0, noisy=(99.0, 5.0, 1.0, 0.5, 0.5)):
     R = report.REPRODUCED
-    t4 = pd.DataFrame([(a, d, 90.0, 100.0 if d == "No Defense" else 0.5, R) for a in (0, 0.1, 1, 10, 100)
-                       for d in ("No Defense", "UNIT")], columns=["alpha", "defense", "ours acc", "ours asr", "status"])
+    t4 = pd.DataFrame([(a, loss, d, 90.0, 100.0 if d == "No Defense" else 0.5, R) for a in (0, 0.1, 1, 10, 100)
+                       for loss in appendix.T4_READINGS.values() if a or loss == "BadNets + term"
+                       for d in ("No Defense", "UNIT")],
+                      columns=["alpha", "loss", "defense", "ours acc", "ours asr", "status"])
     t5 = pd.DataFrame([(p, "No Defense", 92.0, 99.0, 2.5, R) for p in ("0-9", "8-3")]
                       + [(p, "UNIT", 90.5, unit_asr5, 0.0, R) for p in ("0-9", "8-3")],
                       columns=["victim-target", "defense", "ours acc", "ours asr", "ours asr_non_victim", "status"])
@@ -132,9 +134,10 @@ def test_a4_claims_are_checked_against_the_papers_sentences():
     assert out.loc["mean of acc cost (UNIT)", "ours"] == pytest.approx(1.5)  # 92.0 - 90.5, pair by pair
     # a low ASR on a model the attack never backdoored is flagged, not counted as the defense's
     t4, t5, t6 = _a4_tables()
-    t4.loc[(t4.alpha == 10) & (t4.defense == "No Defense"), "ours asr"] = 4.4
+    # (each UNIT row is paired with the undefended model of its own alpha and reading of Eq. 6)
+    t4.loc[(t4.alpha == 10) & (t4.loss == "Eq. 6 as printed") & (t4.defense == "No Defense"), "ours asr"] = 4.4
     flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
-    assert flagged == ["yes (1 of 5 rows on a model the attack did not backdoor)", "yes", "yes"]
+    assert flagged == ["yes (1 of 9 rows on a model the attack did not backdoor)", "yes", "yes"]
     # the noisy trigger is judged at the levels the text names (0.05-1.0), not at 0.01 where it still fires
     assert out.loc["max of asr_noisy (No Defense)", "ours"] == 5.0
     # "less than 4.40%" allows no more than 4.40; a noisy trigger at 0.05 that still fires fails "significantly
@@ -160,7 +163,7 @@ def test_a4_claims_hold_on_the_papers_own_tables():
         df = df[df.metric.isin(rename)].assign(metric=lambda d: d.metric.map(rename))
         wide = df.pivot_table(index=list(labels) + ["defense"], columns="metric", values="value").reset_index()
         return wide.rename(columns=labels).assign(status=report.REPRODUCED)
-    t4 = ours(4, {"alpha": "alpha"}, {"acc": "ours acc", "asr": "ours asr"})
+    t4 = ours(4, {"alpha": "alpha"}, {"acc": "ours acc", "asr": "ours asr"}).assign(loss="BadNets + term")
     t5 = ours(5, {"victim_target": "victim-target"}, {"acc": "ours acc", "asr": "ours asr",
                                                       "nonvictim_asr_after": "ours asr_non_victim"})
     t6 = ours(6, {"noise_level": "noise level"}, {"acc": "ours acc", "asr": "ours asr",

@@ -630,7 +630,7 @@ class Claim:
 # A.4. Table 6's "significantly reduced" has no number in the text: held to 10%, above the paper's own worst
 # noisy-trigger ASR at those levels (6.84% at 0.05).
 A4_CLAIMS: tuple[Claim, ...] = (
-    Claim("t23", "Table 4", "UNIT", "asr", "max", "not above", pair_on=("alpha",)),
+    Claim("t23", "Table 4", "UNIT", "asr", "max", "not above", pair_on=("alpha", "loss")),
     Claim("t26", "Table 5", "No Defense", "asr", "min", "at least"),
     Claim("t25", "Table 5", "No Defense", "asr_non_victim", "max", "at most"),
     Claim("t28", "Table 5", "UNIT", "asr", "max", "not above", pair_on=("victim-target",)),
