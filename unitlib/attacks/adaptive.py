@@ -189,4 +189,3 @@ class ActivationSuppression(BadNets):
             target = torch.full((n,), self.target, dtype=torch.long, device=x.device)
             loss = loss + F.cross_entropy(logits[n:], target)
         return loss
-
