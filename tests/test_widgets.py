@@ -54,7 +54,7 @@ def test_attacks_that_cannot_use_the_fixed_rate_get_their_own():
 
 
 def test_model_scales_run_every_depth_with_all_and_key_layers_at_the_profiles_scale():
-    for name, scale in (("cpu", {"width": 16, "train_size": 10000}), ("paper", {}), ("smoke", {"width": 8})):
+    for name, scale in (("cpu", {"width": 16}), ("paper", {}), ("smoke", {"width": 8})):
         sec = report.Section(profile=name, max_sweep=4)
         cells = appendix.figure14(sec)
         assert len(cells) == 12 and {c.labels["model"] for c in cells} == set(appendix.MODEL_SCALES)
@@ -62,8 +62,9 @@ def test_model_scales_run_every_depth_with_all_and_key_layers_at_the_profiles_sc
             exp = sec.experiment(cell)
             assert exp.model == cell.labels["model"]
             assert {k: getattr(exp, k) for k in scale} == scale
+            assert exp.train_size is None  # every training image, at every profile
             if name == "paper":
-                assert exp.width is None and exp.train_size is None
+                assert exp.width is None
             key_layers = cell.labels["defense"] == "UNIT (key layers)"
             assert (exp.defense_params.get("layers") == "blocks") == key_layers
             assert exp.defense == ("none" if cell.defense == "No Defense" else "unit")
@@ -250,7 +251,7 @@ def test_status_covers_every_item_without_running_anything(tmp_path):
 
 def test_stack_explorer_links_control_and_panels():
     box = widgets.stack_explorer({"a": ipywidgets.HTML("A"), "b": ipywidgets.HTML("B")}, "pick")
-    control, stack = box.children
+    _control, stack = box.children
     assert isinstance(stack, ipywidgets.Stack) and stack.selected_index == 0
     with pytest.raises(ValueError):
         widgets.stack_explorer({}, "pick")
