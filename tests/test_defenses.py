@@ -49,7 +49,8 @@ def one_thread():
     budgets must pass with two threads as well (unitlib.defenses states each one's margin over seeds and thread
     counts, from benchmarks/smoke_margins.py, against SMOKE_BARS): the thinnest is I-BAU's, ASR 0.23 at worst against
     the bar of 0.4; ANP's worst, 0.39 on this planted model with two threads (0.00 with one), sits 0.21 under its
-    bar of 0.6."""
+    bar of 0.6. NC has no margin on this model with two threads: it flags no class there (ASR 1.00; 0.00 with one
+    thread), the one run of the 12 that misses its bar."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -219,16 +220,49 @@ def test_seam_forgets_then_recovers(outcomes):
 
 def test_nc_unflagged_model_returned_unchanged(planted, monkeypatch):
     """No outlier among the reversed masks: the model comes back unchanged and the report says so."""
-    def equal_masks(self, model, x, target, gen, bar):
-        return torch.full((32, 32), 0.1), torch.rand(3, 32, 32), {"target": target, "norm": 102.4 + target % 2,
-                                                                   "reached_threshold": True, "steps": 0}
-    monkeypatch.setattr(NC, "reverse", equal_masks)
+    def equal_masks(self, model, x, targets, gen, bar):
+        return [(torch.full((32, 32), 0.1), torch.rand(3, 32, 32), {"target": t, "norm": 102.4 + t % 2,
+                                                                    "reached_threshold": True, "steps": 0})
+                for t in targets]
+    monkeypatch.setattr(NC, "reverse_classes", equal_masks)
     nc = NC(steps=1)
     defended = nc(planted["model"], planted["clean"], device="cpu", progress=False)
     assert nc.report["flagged"] == [] and nc.report["unlearned"] is False and "unchanged" in nc.report["note"]
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(defended(x), planted["model"](x))
+
+
+def test_nc_classes_reversed_at_once_each_optimise_as_alone(planted):
+    """Reversing classes on shared batches leaves each class's optimisation as it is alone: with every step a pass
+    over the same images, class 0's trigger reversed beside class 1 is class 0's trigger reversed alone (up to float
+    rounding). A joint loss that mixed the classes (a mean over them, one shared cost) would scale or bend it."""
+    x = data.to_float(planted["clean"].x_opt[:64])
+    model = copy.deepcopy(planted["model"]).eval().requires_grad_(False)
+    nc = NC(steps=6, batch_size=64, batches_per_step=1, lr=0.1, init_cost=1e-2, patience=1)
+    bar = type("Bar", (), {"update": lambda self, n=1: None, "set_postfix": lambda self, **k: None})()
+    alone = nc.reverse_classes(model, x, [0], torch.Generator().manual_seed(3), bar)
+    together = nc.reverse_classes(model, x, [0, 1], torch.Generator().manual_seed(3), bar)
+    assert len(together) == 2 and [log["target"] for _, _, log in together] == [0, 1]
+    assert alone[0][2]["steps"] == together[0][2]["steps"] == 6
+    assert torch.allclose(alone[0][0], together[0][0], atol=1e-4) and torch.allclose(alone[0][1], together[0][1],
+                                                                                      atol=1e-4)
+    assert not torch.allclose(together[0][0], together[1][0], atol=1e-2)  # each class has its own trigger
+    with pytest.raises(ValueError, match=r"classes_per_pass must be an int >= 0, got -1"):
+        NC(classes_per_pass=-1)
+
+
+def test_nc_one_class_per_pass_is_the_default_of_earlier_records():
+    """A record made before ``classes_per_pass`` existed reversed one class at a time; today's default reverses all
+    at once, so such a record is stale at the default and current at 1."""
+    from unitlib import results
+    exp = config.profile("cpu", defense="nc")
+    resolved = {"attack": exp.make_attack().params(),
+                "defense": {k: v for k, v in NC().params().items() if k != "classes_per_pass"}}
+    rec = results.Record(key=exp.key(), config=exp.to_dict(), metrics={}, seconds={}, provenance={},
+                         report={"resolved": resolved})
+    assert results.stale_reason(rec, exp) == "defense defaults changed since it was made: classes_per_pass 1 -> 0"
+    assert results.stale_reason(rec, exp.replace(defense_params={"classes_per_pass": 1})) is None
 
 
 def test_anomaly_index():

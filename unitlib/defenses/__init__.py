@@ -45,7 +45,11 @@ from .unit import UNIT, BoundedModel
 #   ANP's ASR bar is 0.6 (SMOKE_BARS): a margin of 0.21 over the worst of the 12 runs, and still far under the
 #   planted 0.9-1.0.
 # - I-BAU: ASR <= 0.23, accuracy >= 0.83 (4 rounds; at 2 rounds, ASR 0.52 and 0.40 on two runs with two threads).
-# - NC: ASR <= 0.18, accuracy >= 0.85. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
+# - NC (every class reversed at once, re-measured on today's planted models): 11 of the 12 runs, ASR <= 0.13,
+#   accuracy >= 0.86. On the seed-0 model with two threads no class is flagged (the target's anomaly index 1.48
+#   against 2; reversed one class at a time, 1.82) and ASR stays 1.00; the tests' seed-0 model with one thread
+#   leaves 0.00. More steps do not widen the margin: at 40 steps of two batches a naturally small mask of another
+#   class raises the MAD, and 4 of the first 6 runs flagged nothing. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
 #   momentum, peaks of 0.5-1.0 either left the backdoor on one seed or cost half the accuracy on another).
 # - CLP needs no budget and reads no data; it does not remove the smoke backdoor (ASR stays 1.00: the backdoor's

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,6 @@ from tqdm.auto import tqdm
 from ..metrics import accuracy
 from ..train import autocast, resolve_device
 from .base import CleanSplit, Defense, register
-from .schedule import AdaptiveCost
 from .common import (
     Augmentation,
     check_augmentation,
@@ -45,6 +45,7 @@ from .common import (
     finetune,
     num_classes,
 )
+from .schedule import AdaptiveCost
 
 _EPS = 1e-7  # keeps tanh-space values finite at the [0, 1] ends (the official code's K.epsilon())
 
@@ -68,6 +69,10 @@ class NC(Defense):
 
     - ``steps``, ``batches_per_step``, ``batch_size``, ``lr``: reverse engineering per class (``batches_per_step``
       0: one pass over the optimise split per step).
+    - ``classes_per_pass``: how many classes' triggers are reversed at once on shared mini-batches (0: all; 1: one
+      class after another, as the official code). Each class's optimisation is the same either way; on a CPU one
+      batch of ``classes x batch_size`` stamped images runs several times faster per image than ``batch_size``
+      (``benchmarks/nc_seconds.py``).
     - ``init_cost``, ``patience``, ``cost_multiplier``, ``attack_threshold``, ``early_stop_patience``: the cost
       schedule and early stop.
     - ``anomaly_threshold``: flag classes with an anomaly index above this (on the small side).
@@ -77,9 +82,12 @@ class NC(Defense):
 
     name = "nc"
     citation = "Wang et al., Neural Cleanse, IEEE S&P 2019"
+    # Records made before ``classes_per_pass`` existed reversed one class after another.
+    added_params: ClassVar[dict[str, Any]] = {"classes_per_pass": 1}
 
     steps: int = 1000
     batches_per_step: int = 0
+    classes_per_pass: int = 0
     batch_size: int = 32
     lr: float = 0.1
     init_cost: float = 1e-3
@@ -101,7 +109,7 @@ class NC(Defense):
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "steps", "batch_size", "patience", "early_stop_patience", "unlearn_batch_size")
-        check_positive_ints(self, "batches_per_step", "unlearn_epochs", minimum=0)
+        check_positive_ints(self, "batches_per_step", "classes_per_pass", "unlearn_epochs", minimum=0)
         check_positive(self, "lr", "init_cost", "anomaly_threshold", "unlearn_lr")
         check_range("cost_multiplier", self.cost_multiplier, 1, math.inf, low_open=True)
         check_range("attack_threshold", self.attack_threshold, 0, 1, low_open=True)
@@ -113,68 +121,96 @@ class NC(Defense):
     def reverse(self, model: nn.Module, x: torch.Tensor, target: int, gen: torch.Generator,
                 bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The smallest-norm trigger sending ``x`` to ``target``: (mask H x W, pattern C x H x W, log)."""
+        return self.reverse_classes(model, x, [target], gen, bar)[0]
+
+    def reverse_classes(self, model: nn.Module, x: torch.Tensor, targets: list[int], gen: torch.Generator,
+                        bar: tqdm) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """:meth:`reverse` for several classes at once, on shared mini-batches: every step stamps the same images with
+        each class's trigger and runs them through the model as one batch. Each class keeps its own mask, pattern,
+        cost schedule and early stop, and its loss reaches only its own trigger (the Adam update is elementwise), so a
+        class's optimisation is the one-class optimisation on the same images; a class that has stopped leaves the
+        batch. One class at a time draws random numbers in the order the one-class loop always has."""
         dev = x.device
         _, c, h, w = x.shape
+        g_count = len(targets)
         # random start, as the official example; tanh space so that mask and pattern stay in [0, 1]
-        mask0 = torch.rand(h, w, generator=gen)
-        pattern0 = torch.rand(c, h, w, generator=gen)
-        mask_t = torch.atanh((mask0 - 0.5) * (2 - _EPS)).to(dev).requires_grad_(True)
-        pattern_t = torch.atanh((pattern0 - 0.5) * (2 - _EPS)).to(dev).requires_grad_(True)
+        starts = [(torch.rand(h, w, generator=gen), torch.rand(c, h, w, generator=gen)) for _ in targets]
+        mask_t = torch.stack([torch.atanh((m - 0.5) * (2 - _EPS)) for m, _ in starts]).to(dev).requires_grad_(True)
+        pattern_t = torch.stack([torch.atanh((p - 0.5) * (2 - _EPS)) for _, p in starts]).to(dev).requires_grad_(True)
         opt = torch.optim.Adam([mask_t, pattern_t], lr=self.lr, betas=(0.5, 0.9))
         n = len(x)
         per_step = self.batches_per_step or math.ceil(n / self.batch_size)
-        labels = torch.full((self.batch_size,), target, device=dev)
+        target_t = torch.tensor(targets, device=dev)
 
         def current() -> tuple[torch.Tensor, torch.Tensor]:
             return torch.tanh(mask_t) / (2 - _EPS) + 0.5, torch.tanh(pattern_t) / (2 - _EPS) + 0.5
 
-        cost = AdaptiveCost(self.init_cost, self.patience, self.cost_multiplier, self.cost_multiplier**1.5,
-                            restart="at_zero")
-        best_norm, best = math.inf, None
-        stop_count, stop_best = 0, math.inf
+        costs = [AdaptiveCost(self.init_cost, self.patience, self.cost_multiplier, self.cost_multiplier**1.5,
+                              restart="at_zero") for _ in targets]
+        best_norm, best = [math.inf] * g_count, [None] * g_count
+        stop_count, stop_best = [0] * g_count, [math.inf] * g_count
+        steps_run = [0] * g_count
+        active = list(range(g_count))
         perm, cursor = torch.randperm(n, generator=gen).to(dev), 0
-        steps_run = 0
         for _ in range(self.steps):
-            steps_run += 1
-            hits = seen = 0
-            norm_sum = 0.0
+            if not active:
+                break
+            act = torch.tensor(active, device=dev)
+            cost_t = torch.tensor([costs[i].value for i in active], device=dev)
+            hits = torch.zeros(len(active), dtype=torch.float64, device=dev)
+            norm_sum = torch.zeros(len(active), dtype=torch.float64, device=dev)
+            seen = 0
             for _ in range(per_step):
                 if cursor >= n:
                     perm, cursor = torch.randperm(n, generator=gen).to(dev), 0
                 idx = perm[cursor : cursor + self.batch_size]
                 cursor += self.batch_size
                 mask, pattern = current()
+                mask, pattern = mask[act], pattern[act]
+                xb = x[idx]
+                stamped = stamp(xb[None], mask[:, None, None], pattern[:, None])  # classes x batch x C x H x W
                 with autocast(dev):
-                    logits = model(stamp(x[idx], mask, pattern)).float()
-                ce = F.cross_entropy(logits, labels[: len(idx)])
-                norm = mask.sum()
-                loss = ce + cost.value * norm
+                    logits = model(stamped.flatten(0, 1)).float().view(len(active), len(idx), -1)
+                labels = target_t[act][:, None].expand(-1, len(idx))
+                ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(len(active), -1)
+                norm = mask.flatten(1).sum(1)
+                loss = (ce.mean(1) + cost_t * norm).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                hits += (logits.argmax(1) == target).sum().item()
+                with torch.no_grad():
+                    hits += (logits.argmax(2) == labels).sum(1)
+                    norm_sum += norm.detach().double() * len(idx)
                 seen += len(idx)
-                norm_sum += norm.item() * len(idx)
-            bar.update()
-            acc, norm_avg = hits / seen, norm_sum / seen
-            if acc >= self.attack_threshold and norm_avg < best_norm:
-                best_norm = norm_avg
-                m, p = current()
-                best = (m.detach().clone(), p.detach().clone())
-            bar.set_postfix(target=target, acc=f"{acc:.2f}", norm=f"{norm_avg:.1f}", cost=f"{cost.value:.1e}")
-
-            if best_norm < math.inf:
-                stop_count = stop_count + 1 if best_norm >= stop_best else 0
-            stop_best = min(stop_best, best_norm)
-            if cost.raised and cost.lowered and stop_count >= self.early_stop_patience:
-                break
-            cost.update(acc >= self.attack_threshold)
-        found = best is not None
-        if best is None:
-            m, p = current()
-            best = (m.detach().clone(), p.detach().clone())
-        return best[0], best[1], {"target": target, "norm": float(best[0].sum()), "reached_threshold": found,
-                                  "steps": steps_run}
+            bar.update(len(active))
+            accs, norms = (hits / seen).tolist(), (norm_sum / seen).tolist()
+            m_all, p_all = current()
+            for j, i in enumerate(list(active)):
+                steps_run[i] += 1
+                acc, norm_avg = accs[j], norms[j]
+                if acc >= self.attack_threshold and norm_avg < best_norm[i]:
+                    best_norm[i] = norm_avg
+                    best[i] = (m_all[i].detach().clone(), p_all[i].detach().clone())
+                if best_norm[i] < math.inf:
+                    stop_count[i] = stop_count[i] + 1 if best_norm[i] >= stop_best[i] else 0
+                stop_best[i] = min(stop_best[i], best_norm[i])
+                if costs[i].raised and costs[i].lowered and stop_count[i] >= self.early_stop_patience:
+                    active.remove(i)
+                    continue
+                costs[i].update(acc >= self.attack_threshold)
+            if g_count == 1:
+                bar.set_postfix(target=targets[0], acc=f"{accs[0]:.2f}", norm=f"{norms[0]:.1f}",
+                                cost=f"{costs[0].value:.1e}")
+            else:
+                bar.set_postfix(classes=len(active), best_norms=",".join(f"{v:.0f}" for v in best_norm))
+        out = []
+        m_all, p_all = current()
+        for i, target in enumerate(targets):
+            found = best[i] is not None
+            m, p = best[i] if found else (m_all[i].detach().clone(), p_all[i].detach().clone())
+            out.append((m, p, {"target": target, "norm": float(m.sum()), "reached_threshold": found,
+                               "steps": steps_run[i]}))
+        return out
 
     # -- the defense -----------------------------------------------------------------------------------------------
     def __call__(
@@ -189,11 +225,15 @@ class NC(Defense):
         k = num_classes(frozen, x)
         gen = torch.Generator().manual_seed(self.seed)
         triggers, logs = [], []
-        bar = tqdm(total=k * self.steps, desc="nc reverse", unit="step", disable=not progress)
-        for target in range(k):
-            mask, pattern, log = self.reverse(frozen, x, target, gen, bar)
-            triggers.append((mask, pattern))
-            logs.append(log)
+        bar = tqdm(total=k * self.steps, desc="nc reverse", unit="class-step", disable=not progress)
+        group = self.classes_per_pass or k
+        for first in range(0, k, group):
+            targets = list(range(first, min(first + group, k)))
+            found = self.reverse(frozen, x, targets[0], gen, bar) if len(targets) == 1 else \
+                self.reverse_classes(frozen, x, targets, gen, bar)
+            for mask, pattern, log in ([found] if len(targets) == 1 else found):
+                triggers.append((mask, pattern))
+                logs.append(log)
         bar.close()
         norms = torch.tensor([log["norm"] for log in logs])
         index = anomaly_index(norms)
