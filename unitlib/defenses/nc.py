@@ -229,9 +229,7 @@ class NC(Defense):
         group = self.classes_per_pass or k
         for first in range(0, k, group):
             targets = list(range(first, min(first + group, k)))
-            found = self.reverse(frozen, x, targets[0], gen, bar) if len(targets) == 1 else \
-                self.reverse_classes(frozen, x, targets, gen, bar)
-            for mask, pattern, log in ([found] if len(targets) == 1 else found):
+            for mask, pattern, log in self.reverse_classes(frozen, x, targets, gen, bar):
                 triggers.append((mask, pattern))
                 logs.append(log)
         bar.close()
