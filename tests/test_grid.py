@@ -34,6 +34,22 @@ def test_plan_refuses_bad_profile_and_seeds():
         grid.plan("smoke", items, seeds=[-1])
 
 
+def test_a_defense_filter_plans_only_those_defenses_cells():
+    items = grid.select_items(tables=["Table 9"])
+    full = grid.plan("smoke", items, results_dir="/nonexistent")
+    by_defense = {}
+    for job in full.jobs:
+        by_defense.setdefault("none" if job.undefended else job.experiment.defense, []).append(job)
+    assert {"fp", "nad", "anp", "unit"} <= set(by_defense)
+    quick = grid.plan("smoke", items, results_dir="/nonexistent", defenses=["FP", "nad"])
+    assert quick.jobs == [job for job in full.jobs if job in by_defense["fp"] + by_defense["nad"]]
+    assert (quick.n_cells, quick.n_done) == (full.n_cells, full.n_done)  # the table's count is the table's
+    # without 'none', a model whose other cells are filtered out is not trained for its No Defense cell alone
+    assert not any(job.undefended for job in quick.jobs)
+    with pytest.raises(ValueError, match="unknown defense\\(s\\) 'fine-tune'; valid choices: anp, clp"):
+        grid.plan("smoke", items, defenses=["fine-tune"])
+
+
 def test_grid_runs_the_missing_cells_once_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     items = grid.select_items(tables=["11"])
     first = grid.plan("smoke", items, results_dir=tmp_path)

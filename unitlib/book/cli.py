@@ -140,6 +140,9 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--table", action="append", default=[], metavar="REF",
                    help="a table or figure: 8, 'Table 8', 'Fig. 12', A.1 (repeatable)")
     g.add_argument("--all", action="store_true", help="every table and figure of the appendix")
+    g.add_argument("--defense", action="append", default=[], metavar="NAME",
+                   help="only the cells of this defense (repeatable; 'none' for the No Defense cells): e.g. the "
+                        "quick baselines first, then the rest on the models they cached")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell (default: 0)")
     g.add_argument("--list", "--dry-run", action="store_true",
                    help="only list the missing cells and the time they should take (from earlier records)")
@@ -168,7 +171,7 @@ def grid_command(args: argparse.Namespace) -> int:
     results_dir = args.results or (str(BUILD_RESULTS / "smoke") if args.profile == "smoke" else None)
     try:
         items = grid.select_items(sections=args.section, tables=args.table, everything=args.all)
-        the_plan = grid.plan(args.profile, items, seeds=args.seeds, results_dir=results_dir)
+        the_plan = grid.plan(args.profile, items, seeds=args.seeds, results_dir=results_dir, defenses=args.defense)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -123,10 +123,16 @@ def select_items(*, sections: Iterable[str] = (), tables: Iterable[str] = (), ev
 
 def plan(
     profile: str, items: list[Item], *, seeds: Iterable[int] = (0,), results_dir: str | os.PathLike | None = None,
+    defenses: Iterable[str] = (),
 ) -> Plan:
-    """The missing experiments of ``items`` at ``profile`` for ``seeds`` (nothing is run)."""
+    """The missing experiments of ``items`` at ``profile`` for ``seeds`` (nothing is run).
+
+    ``defenses`` keeps only the cells of these defenses (registry names; ``none`` for the No Defense cells), e.g.
+    the cheap baselines first and ANP and NC later, on the models the first pass trained and cached. The other
+    cells stay missing and the same grid without the filter plans them."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid choices: {', '.join(PROFILES)}")
+    only = _check_defenses(defenses)
     seeds = tuple(int(s) for s in seeds)
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"seeds must be one or more ints >= 0, got {seeds!r}")
@@ -157,10 +163,22 @@ def plan(
                     entry[2].append(item.ref)
     # A defended run of a model records the undefended model too: a No Defense job is needed only where no defended
     # job of the same model is planned.
-    defended_models = {e.model_key() for e, und, _ in wanted.values() if not und}
-    jobs = [Job(e, und, tuple(refs)) for e, und, refs in wanted.values()
-            if not (und and e.model_key() in defended_models)]
+    kept = [(e, und, refs) for e, und, refs in wanted.values()
+            if not only or ("none" if und else e.defense) in only]
+    defended_models = {e.model_key() for e, und, _ in kept if not und}
+    jobs = [Job(e, und, tuple(refs)) for e, und, refs in kept if not (und and e.model_key() in defended_models)]
     return Plan(profile, items, jobs, n_cells, n_done, missing_parts)
+
+
+def _check_defenses(defenses: Iterable[str]) -> frozenset[str]:
+    from ..defenses import DEFENSES
+
+    names = [str(d).strip().lower() for d in defenses]
+    valid = sorted({"none", *DEFENSES})
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"unknown defense(s) {', '.join(map(repr, bad))}; valid choices: {', '.join(valid)}")
+    return frozenset(names)
 
 
 @dataclass(frozen=True)
