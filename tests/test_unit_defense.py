@@ -174,6 +174,32 @@ def test_bad_parameters():
         UNIT(steps=0)
 
 
+def test_augment_val_judges_the_budget_on_augmented_validation_images(monkeypatch):
+    # the validation images every accuracy is measured on: as given by default, cropped and flipped with
+    # augment_val, the original model's accuracy (the threshold's reference) included
+    seen = []
+    real = unit_module.accuracy
+
+    def spy(model, x, *args, **kw):
+        seen.append(x.clone())
+        return real(model, x, *args, **kw)
+
+    monkeypatch.setattr(unit_module, "accuracy", spy)
+    clean = _clean()
+    UNIT(steps=1, early_stop=False)(_model(), clean, progress=False)
+    assert all(torch.equal(x, clean.x_val) for x in seen)
+    seen.clear()
+    UNIT(steps=1, early_stop=False, augment_val=True)(_model(), clean, progress=False)
+    assert len(seen) == 4 and all(torch.equal(x, seen[0]) for x in seen)
+    assert not torch.equal(seen[0], clean.x_val)
+    # a crop of 4 px and a flip: the shifted images keep most of their pixels
+    assert torch.isclose(seen[0], clean.x_val).float().mean() < 0.9
+    with pytest.raises(ValueError, match="augment_val must be true or false, got 'yes'"):
+        UNIT(augment_val="yes")
+    # records made before the parameter existed read as made without it
+    assert UNIT.added_params == {"augment_val": False}
+
+
 def test_official_schedule():
     u = UNIT.official_schedule(degradation=0.03)
     assert (u.steps, u.lr, u.step_units, u.batch_size, u.early_stop, u.patience, u.val_every, u.degradation) == (
