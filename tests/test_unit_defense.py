@@ -197,7 +197,7 @@ def test_augment_val_judges_the_budget_on_augmented_validation_images(monkeypatc
     with pytest.raises(ValueError, match="augment_val must be true or false, got 'yes'"):
         UNIT(augment_val="yes")
     # records made before the parameter existed read as made without it
-    assert UNIT.added_params == {"augment_val": False}
+    assert UNIT.added_params["augment_val"] is False
 
 
 def test_official_schedule():
@@ -363,3 +363,31 @@ def test_slow_early_tightening_is_not_a_stall():
     unit = UNIT(stop_tolerance=0.2, **params)
     unit(model, clean, progress=False)
     assert unit.report["stop_reason"] == "budget" and unit.report["steps_run"] == 4
+
+
+def test_wait_for_relax_keeps_the_step_that_all_steps_would_keep(monkeypatch):
+    """The budget binds at step 41 after 40 steps within it (alpha grown 2^8-fold); the bounds come back within it
+    at step 64 alone, tighter than at step 40 (alpha still above its start, so the regulariser kept falling). The
+    window rule stops at 60 and keeps step 40; waiting until alpha is back at its start value keeps step 64, as a run
+    of all the steps does, and stops 20 validations later."""
+    model, clean = _two_class_model()
+    calls = []
+
+    def scripted(*args, **kwargs):
+        calls.append(1)
+        n = len(calls) - 2  # call 0: the original model; call 1: the initial bounds; then one per step
+        return 0.5 if n >= 41 and n != 64 else 1.0
+
+    monkeypatch.setattr(unit_module, "accuracy", scripted)
+    outcomes = {}
+    for name, kwargs in [("window", {}), ("relax", {"wait_for_relax": True}), ("all", {"early_stop": False})]:
+        calls.clear()
+        unit = UNIT(steps=120, lr=0.05, degradation=0.005, augment=False, batch_size=None, **kwargs)
+        unit(model, clean, progress=False)
+        r = unit.report
+        regs = {h["step"]: h["reg"] for h in r["history"]}
+        outcomes[name] = (r["steps_run"], r["best_step"], r["stop_reason"])
+    assert regs[64] < regs[40]
+    assert outcomes == {"window": (60, 40, "budget"), "relax": (84, 64, "budget"), "all": (120, 64, "step_cap")}
+    with pytest.raises(ValueError, match="wait_for_relax must be true or false, got 1"):
+        UNIT(wait_for_relax=1)

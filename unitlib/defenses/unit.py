@@ -301,6 +301,11 @@ class UNIT(Defense):
       small the regulariser falls by well under ``stop_tolerance`` a step, and bounds that start within ``settle``
       of the threshold would otherwise end the run before alpha grows. Otherwise the run ends at ``steps`` and the
       report says so (``stop_reason``: ``step_cap``) and how far above the threshold the kept bounds were.
+    - ``wait_for_relax``: the stopping rule also waits, once the budget has bound (a validation under the
+      threshold), until alpha has come back down to its start value (once). After an overshoot alpha falls by
+      ``alpha_down`` every ``patience`` checks and the cross-entropy loosens the bounds that carry clean accuracy:
+      the run can come back above the threshold with a lower regulariser than any step before the overshoot, which
+      the window alone would stop short of (the full 300-step run keeps such a step).
     - ``init_std``: bounds start at mean + init_std * std of clean activations.
     - ``alpha``, ``patience``, ``alpha_up``, ``alpha_down``: the adaptive weight of the bound regulariser (start,
       checks before a change, factors; the official code: 1e-3, 5, 2, 2^1.5). Alpha grows by ``alpha_up`` every
@@ -332,7 +337,7 @@ class UNIT(Defense):
 
     name = "unit"
     # parameters added after records were made, at the value that reproduces those records
-    added_params: ClassVar[dict[str, Any]] = {"augment_val": False}
+    added_params: ClassVar[dict[str, Any]] = {"augment_val": False, "wait_for_relax": False}
     citation = "Cheng et al., UNIT: Backdoor Mitigation via Automated Neural Distribution Tightening, ECCV 2024"
 
     degradation: float = 0.02
@@ -344,6 +349,7 @@ class UNIT(Defense):
     settle: float = 0.01
     stop_patience: int = 20
     stop_tolerance: float = 0.005
+    wait_for_relax: bool = False
     init_std: float = 4.0
     alpha: float = 1e-3
     patience: int = 5
@@ -394,7 +400,7 @@ class UNIT(Defense):
                 raise ValueError(f"{key} must be a finite number > 1, got {value!r}")
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or not math.isfinite(self.init_std):
             raise ValueError(f"init_std must be a finite number, got {self.init_std!r}")
-        for key in ("early_stop", "freeze_weights", "augment", "augment_val", "project"):
+        for key in ("early_stop", "freeze_weights", "augment", "augment_val", "project", "wait_for_relax"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
@@ -495,6 +501,8 @@ class UNIT(Defense):
         # the kept bounds' regulariser after each validation: the stopping rule compares it across a window
         kept_regs: list[float] = [best_reg]
         stop_reason, step = "step_cap", 0
+        # wait_for_relax: whether alpha has come back down to its start value since the budget first bound
+        bound_once, relaxed = False, not self.wait_for_relax
         bar = tqdm(range(1, self.steps + 1), desc="unit", unit="step", disable=not progress)
         for step in bar:
             if batch >= n:
@@ -536,10 +544,13 @@ class UNIT(Defense):
             if acc > fallback_acc:
                 fallback_acc, fallback, fallback_step = acc, snapshot(), step
             kept_regs.append(best_reg)
+            bound_once = bound_once or acc < threshold
             cost.update(acc >= threshold)
             stalled = (len(kept_regs) > self.stop_patience
                        and not best_reg < kept_regs[-1 - self.stop_patience] * (1 - self.stop_tolerance))
-            if self.early_stop and best is not None and best_acc - threshold <= self.settle and stalled:
+            relaxed = relaxed or (bound_once and cost.value <= self.alpha)
+            if (self.early_stop and best is not None and best_acc - threshold <= self.settle and stalled
+                    and relaxed):
                 stop_reason = "budget"
                 break
         bar.close()
