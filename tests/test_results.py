@@ -214,3 +214,28 @@ def test_a_parameter_added_at_its_old_behaviour_keeps_records_and_models(tmp_pat
         assert results.attack_identity(exp) != key  # without the declaration the new field would change the key
     finally:
         ActivationSuppression.added_params = added
+
+
+def test_unit_table_names_the_model_where_the_official_run_had_another_training(tmp_path):
+    from unitlib.book import report
+    from unitlib.book.report import Cell, Section
+    from unitlib.defenses.unit import OFFICIAL_SCHEDULE
+
+    sec = Section(name="unit", profile="cpu")
+
+    def save(params, before_acc):
+        exp = sec.experiment(Cell({}, "BadNets", "UNIT", defense_params=params), 0)
+        rep = {"best_step": 5, "steps_run": 9, "stop_reason": "budget", "final_val_acc": 0.85, "threshold": 0.84,
+               "history": []}
+        results.save(results.Record(key=exp.key(), config=exp.to_dict(), report=rep, seconds={"defense": 3.0},
+                                    metrics={"before": {"clean_acc": before_acc, "asr": 1.0},
+                                             "after": {"clean_acc": 0.8, "asr": 0.02}},
+                                    provenance=results.provenance(torch.device("cpu"))), tmp_path)
+
+    save({}, 0.84)
+    save(dict(OFFICIAL_SCHEDULE), 0.84)
+    row = report.unit_table("cpu", seeds=(0,), directory=tmp_path).iloc[0]
+    assert (row["no defense"], row["UNIT"], row["official"]) == ("84.00 / 100.00", "80.00 / 2.00", "80.00 / 2.00")
+    save(dict(OFFICIAL_SCHEDULE), 0.83)  # the official run's model: another training of the same configuration
+    row = report.unit_table("cpu", seeds=(0,), directory=tmp_path).iloc[0]
+    assert (row["no defense"], row["official"]) == ("84.00 / 100.00", "80.00 / 2.00 (model at 83.00 / 100.00)")

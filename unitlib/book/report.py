@@ -895,7 +895,8 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
                directory: str | Path | None = None) -> pd.DataFrame:
     """UNIT on each implemented attack of the appendix at ``profile_name`` (the book's experiments), one row per
     attack and seed with a record: clean accuracy / ASR without defense, with UNIT's defaults and with the official
-    code's schedule (percent), and for each UNIT run the step whose bounds were kept, the steps run, why tightening
+    code's schedule (percent; where the two ran on different trainings of the same backdoored model, the official
+    cell names its own model's numbers), and for each UNIT run the step whose bounds were kept, the steps run, why tightening
     ended, the kept bounds' validation accuracy against the budget's threshold, and the defense's seconds."""
     from ..defenses.unit import OFFICIAL_SCHEDULE
 
@@ -915,8 +916,12 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
                 found = True
                 r, before, after = rec.report, rec.metrics["before"], rec.metrics["after"]
                 row["poison rate"] = f"{rec.config['poison_rate']:g}"
-                row["no defense"] = f"{100 * before['clean_acc']:.2f} / {100 * before['asr']:.2f}"
+                undefended = f"{100 * before['clean_acc']:.2f} / {100 * before['asr']:.2f}"
+                row.setdefault("no defense", undefended)
                 row[label] = f"{100 * after['clean_acc']:.2f} / {100 * after['asr']:.2f}"
+                if undefended != row["no defense"]:
+                    # a model of the same configuration trained again (another run, other float sums): say so
+                    row[label] += f" (model at {undefended})"
                 row[f"{label} kept step"] = f"{r['best_step']} of {r.get('steps_run', len(r['history']))}"
                 row[f"{label} stop"] = r.get("stop_reason", "")
                 row[f"{label} val / threshold"] = f"{100 * r['final_val_acc']:.1f} / {100 * r['threshold']:.1f}"
