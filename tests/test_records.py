@@ -106,10 +106,9 @@ UNIT_SHORTFALL: dict[str, str] = {
               "budget (measured: see the closing note of the UNIT-fidelity issue)",
     "narcissus": "the trigger is not abnormal where UNIT looks: ASR 98.39% at the 2% budget (measured with "
                  "unit.exceedance and looser budgets in the closing note of the UNIT-fidelity issue)",
-    "blend": "ASR 10.23% at 3.17 points of test accuracy for the 2 points of validation accuracy the budget allows "
-             "(the defender's validation images are training images)",
     "instagram": "the filter's activations exceed the kept bounds only 0.6-2.3x as often as clean images' do; ASR "
-                 "64.87% at the 2% budget, 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
+                 "71.50% at the 2% budget on the retrained seed-0 model (64.87% on the first; 46.74% with "
+                 "wait_for_relax), 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
     "combat": "its low-frequency trigger is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
               "0.90-1.27x as often as clean ones in every bound point; ASR 43.09% at the 2% budget, 36.04% at 5%",
     "issba": "the encoder's residual is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
