@@ -896,8 +896,9 @@ def unit_table(profile_name: str = "cpu", seeds: tuple[int, ...] = (0, 1, 2),
     """UNIT on each implemented attack of the appendix at ``profile_name`` (the book's experiments), one row per
     attack and seed with a record: clean accuracy / ASR without defense, with UNIT's defaults and with the official
     code's schedule (percent; where the two ran on different trainings of the same backdoored model, the official
-    cell names its own model's numbers), and for each UNIT run the step whose bounds were kept, the steps run, why tightening
-    ended, the kept bounds' validation accuracy against the budget's threshold, and the defense's seconds."""
+    cell names its own model's numbers), and for each UNIT run the step whose bounds were kept, the steps run, why
+    tightening ended, the kept bounds' validation accuracy against the budget's threshold, and the defense's
+    seconds."""
     from ..defenses.unit import OFFICIAL_SCHEDULE
 
     sec = Section(name="unit", profile=profile_name)
