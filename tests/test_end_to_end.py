@@ -58,6 +58,9 @@ def test_second_run_reuses_the_cached_model(runs):
     # re-made: the model just trained is channels-last, and that rounding alone moved UNIT's kept step
     assert second.metrics["after"] == first.metrics["after"]
     assert second.report["best_step"] == first.report["best_step"]
+    # the weights' digest names the training: the same model just trained and read back from the cache
+    assert len(first.provenance["weights_sha256"]) == 64
+    assert second.provenance["weights_sha256"] == first.provenance["weights_sha256"]
     assert second.report["reg_kept"] == first.report["reg_kept"]
 
 

@@ -239,3 +239,20 @@ def test_unit_table_names_the_model_where_the_official_run_had_another_training(
     save(dict(OFFICIAL_SCHEDULE), 0.83)  # the official run's model: another training of the same configuration
     row = report.unit_table("cpu", seeds=(0,), directory=tmp_path).iloc[0]
     assert (row["no defense"], row["official"]) == ("84.00 / 100.00", "80.00 / 2.00 (model at 83.00 / 100.00)")
+
+
+def test_weights_digest_names_the_weights_not_their_layout():
+    import torch
+
+    from unitlib import models
+    from unitlib.results import weights_digest
+
+    torch.manual_seed(0)
+    a = models.build("small-cnn", num_classes=10, in_channels=3, width=8)
+    b = models.build("small-cnn", num_classes=10, in_channels=3, width=8)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b) == weights_digest(b.to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        first = next(b.parameters())
+        first[(0,) * first.dim()] += 1e-3
+    assert weights_digest(a) != weights_digest(b)

@@ -112,3 +112,24 @@ def test_the_missing_cells_are_described_compactly():
     rows = pd.DataFrame({"attack": ["A", "A", "B", "B", "C"], "rate": ["1%", "5%", "1%", "5%", "1%"]})
     assert report._describe(rows.iloc[:4], ["attack", "rate"]) == "attack A, B × rate 1%, 5%"
     assert report._describe(rows, ["attack", "rate"]) == "attack A, B × rate 1%, 5%; attack C × rate 1%"
+
+
+def test_a_row_says_when_its_defense_ran_on_another_or_an_unplanted_model():
+    """The undefended model a defense ran on: named where its ASR is under the planted bar, or where it is another
+    training than the no-defense row's (same labels), and nowhere else."""
+    rows = [_row("BadNets", "No Defense", (83.9, 100.0)), _row("BadNets", "FT", (81.0, 2.0)),
+            _row("BadNets", "NAD", (60.0, 1.0)), _row("ISSBA", "No Defense", (83.07, 97.77)),
+            _row("ISSBA", "FT", (80.96, 2.36)), _row("Blend", "UNIT")]
+    table = pd.DataFrame(rows)
+    table["ours model acc"] = [83.9, 83.9, 84.02, 83.07, 83.10, np.nan]
+    table["ours model asr"] = [100.0, 100.0, 99.99, 97.77, 3.44, np.nan]
+    notes = report.model_notes(table, ["attack", "defense"])
+    assert notes == ["", "", "another training of this configuration: 84.02 / 99.99 undefended", "",
+                     "undefended model 83.10 / 3.44 (ASR under 90%)", ""]
+    view = _cells(report.table_view(table.assign(**{"ours model": notes})))
+    assert view.loc[("ISSBA", "FT"), "note"] == "undefended model 83.10 / 3.44 (ASR under 90%)"
+    assert view.loc[("BadNets", "FT"), "note"] == ""
+    # a table without a defense column: every row is a defended one, judged by its own model only
+    sweep = pd.DataFrame([{**_row("CL", "ANP", (80.0, 5.0)), "ours model acc": 82.0, "ours model asr": 50.0}])
+    assert report.model_notes(sweep.drop(columns="defense"), ["attack"]) == [
+        "undefended model 82.00 / 50.00 (ASR under 90%)"]

@@ -208,6 +208,7 @@ def run(
                                                      ready.cached_meta)
     seconds = dict(ready.seconds)
     cached = cached_meta is not None
+    model_digest = results.weights_digest(model)  # which training of the configuration, before any defense
     with _timer(seconds, "eval_before"):
         before = cached_evaluation(exp, dataset) if cached else None
         before_cached = before is not None
@@ -239,7 +240,7 @@ def run(
         metrics={"before": before, "after": after},
         seconds=seconds,
         provenance={**origin, "dataset": exp.dataset, "data_sha256": dataset.digest,
-                    "model_key": exp.model_key(),
+                    "model_key": exp.model_key(), "weights_sha256": model_digest,
                     "model_from_cache": cached, "before_from_cache": before_cached,
                     "compile": (cached_meta or {}).get("compile", "off") if cached else compile,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),

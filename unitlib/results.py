@@ -272,6 +272,19 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     return path
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (every tensor of its state dict by name: dtype, shape and bytes in standard
+    contiguous layout, so the memory format does not count). Two records with the same ``model_key`` and another
+    digest ran on two trainings of one configuration: on a CPU, another thread count or library build is enough to
+    give another model."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load safetensors weights into ``model`` (same architecture)."""
     model.load_state_dict(load_file(str(path)))

@@ -259,6 +259,11 @@ class Section:
                 values = [100 * o.metrics[key] for o in done if key in o.metrics]
                 row[f"ours {key}"] = float(np.mean(values)) if values else np.nan
                 row[f"paper {key}"] = _paper_value(cell, paper_metric)
+            # the undefended model each defense ran on (its record's "before"): the note says when it is not the
+            # no-defense row's model, or was not backdoored
+            for metric, key in (("acc", "clean_acc"), ("asr", "asr")):
+                values = [100 * o.record.metrics["before"][key] for o in done if "before" in o.record.metrics]
+                row[f"ours model {metric}"] = float(np.mean(values)) if values else np.nan
             row["ours: measured at"] = _setting(done[0].record.config) if done else ""
             row["paper: measured at"] = paper.PAPER_SETTING if cell.paper else ""
             if done and len(done) < len(outcomes):
@@ -274,8 +279,10 @@ class Section:
         std_cols = [c for c in df.columns if c.endswith(" std")]
         label_cols = [c for c in df.columns if not c.startswith(("ours", "paper", "status"))]
         extra_cols = [f"{side} {key}" for key in (extra or {}) for side in ("ours", "paper")]
+        df["ours model"] = model_notes(df, label_cols)
         order = label_cols + ["ours acc", "ours asr", *std_cols, "paper acc", "paper asr", *extra_cols,
-                              "ours: measured at", "paper: measured at", "status"]
+                              "ours model acc", "ours model asr", "ours model", "ours: measured at",
+                              "paper: measured at", "status"]
         return df[order]
 
     def seconds(self, cells: list[Cell]) -> pd.DataFrame:
@@ -426,12 +433,46 @@ def caption(df: pd.DataFrame, *, title: str = "", section: Section | None = None
     return " ".join(p for p in parts if p)
 
 
+def model_notes(df: pd.DataFrame, label_cols: list[str]) -> list[str]:
+    """Per row of a comparison table, what to say about the undefended model its defense ran on (the columns
+    ``ours model acc`` and ``ours model asr``, percent): for a defended row whose model's ASR is under
+    :data:`PLANTED_ASR`, its numbers (a low ASR after a defense says little where the attack did not plant); else, where the
+    table has a no-defense row with the same other labels whose numbers differ, that the defense ran on another
+    training of the same configuration (a model trained again, e.g. on another machine or thread count, is another
+    model). Empty otherwise."""
+    defended = df["defense"] != "No Defense" if "defense" in df else pd.Series(True, index=df.index)
+    others = [c for c in label_cols if c != "defense"]
+    undefended: dict[tuple, tuple[float, float]] = {}
+    if "defense" in df:
+        for _, row in df[~defended].iterrows():
+            if pd.notna(row["ours acc"]) and pd.notna(row["ours asr"]):
+                undefended[tuple(str(row[c]) for c in others)] = (row["ours acc"], row["ours asr"])
+    notes = []
+    for i, row in df.iterrows():
+        acc, asr = row.get("ours model acc", np.nan), row.get("ours model asr", np.nan)
+        if not defended[i] or pd.isna(acc) or pd.isna(asr):
+            notes.append("")
+            continue
+        model = f"{acc:.2f} / {asr:.2f}"
+        base = undefended.get(tuple(str(row[c]) for c in others))
+        if asr < PLANTED_ASR:
+            notes.append(f"undefended model {model} (ASR under {PLANTED_ASR:g}%)")
+        elif base is not None and max(abs(acc - base[0]), abs(asr - base[1])) > 0.005:
+            notes.append(f"another training of this configuration: {model} undefended")
+        else:
+            notes.append("")
+    return notes
+
+
 def _note(row: pd.Series, base: str | None) -> str:
-    """What a shown row says beyond its numbers: a setting other than the caption's, seeds that are missing."""
+    """What a shown row says beyond its numbers: a setting other than the caption's, seeds that are missing, the
+    undefended model where it matters (:func:`model_notes`)."""
     notes = []
     measured = row["ours: measured at"]
     if measured and measured != base:
         notes.append(measured.removeprefix(base).lstrip(", ") if base and measured.startswith(base) else measured)
+    if isinstance(row.get("ours model"), str) and row["ours model"]:
+        notes.append(row["ours model"])
     if str(row["status"]).startswith("partly"):
         notes.append(str(row["status"]).removeprefix("partly: "))
     return "; ".join(notes)
