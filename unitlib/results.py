@@ -275,8 +275,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of a model's state (every tensor of its state dict by name: dtype, shape and bytes in standard
     contiguous layout, so the memory format does not count). Two records with the same ``model_key`` and another
-    digest ran on two trainings of one configuration: on a CPU, another thread count or library build is enough to
-    give another model."""
+    digest ran on two trainings of one configuration (a model trained again need not be the same model)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

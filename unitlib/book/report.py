@@ -438,8 +438,8 @@ def model_notes(df: pd.DataFrame, label_cols: list[str]) -> list[str]:
     ``ours model acc`` and ``ours model asr``, percent): for a defended row whose model's ASR is under
     :data:`PLANTED_ASR`, its numbers (a low ASR after a defense says little where the attack did not plant); else,
     where the table has a no-defense row with the same other labels whose numbers differ, that the defense ran on
-    another training of the same configuration (a model trained again, e.g. on another machine or thread count, is
-    another model). Empty otherwise."""
+    another training of the same configuration (a model trained again need not be the same model). Empty
+    otherwise."""
     defended = df["defense"] != "No Defense" if "defense" in df else pd.Series(True, index=df.index)
     others = [c for c in label_cols if c != "defense"]
     undefended: dict[tuple, tuple[float, float]] = {}
