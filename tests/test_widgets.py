@@ -2,6 +2,7 @@
 callbacks are library functions, called here directly)."""
 
 import ipywidgets
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -139,6 +140,14 @@ def test_a4_claims_are_checked_against_the_papers_sentences():
     t4.loc[(t4.alpha == 10) & (t4.loss == "Eq. 6 as printed") & (t4.defense == "No Defense"), "ours asr"] = 4.4
     flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
     assert flagged == ["yes (1 of 9 rows on a model the attack did not backdoor)", "yes", "yes"]
+    # a row whose defense ran on another training of the model is judged by that model's own ASR where it is known
+    t4, t5, t6 = _a4_tables()
+    t4["ours model asr"] = np.where(t4.defense == "UNIT", 100.0, np.nan)
+    t4.loc[(t4.alpha == 1) & (t4.defense == "UNIT"), "ours model asr"] = 3.4
+    t4.loc[(t4.alpha == 100) & (t4.defense == "UNIT"), "ours model asr"] = np.nan  # unknown: the No Defense row's
+    t4.loc[(t4.alpha == 100) & (t4.loss == "BadNets + term") & (t4.defense == "No Defense"), "ours asr"] = 2.0
+    flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
+    assert flagged == ["yes (3 of 9 rows on a model the attack did not backdoor)", "yes", "yes"]
     # the noisy trigger is judged at the levels the text names (0.05-1.0), not at 0.01 where it still fires
     assert out.loc["max of asr_noisy (No Defense)", "ours"] == 5.0
     # "less than 4.40%" allows no more than 4.40; a noisy trigger at 0.05 that still fires fails "significantly

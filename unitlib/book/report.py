@@ -719,14 +719,18 @@ PLANTED_ASR = 90.0
 def _planted(claim: Claim, df: pd.DataFrame) -> tuple[int, int] | None:
     """For a claim about a defense's ASR with ``pair_on``: how many of its rows with our numbers sit on a model whose
     undefended ASR reached :data:`PLANTED_ASR`, and on how many the undefended ASR is known; None for other
-    claims."""
+    claims. Each row is judged by the model its own defense ran on (``ours model asr``, from :meth:`Section.compare`)
+    where the table has it, since a retrained model need not be the one the No Defense row measured; otherwise, or
+    where that is missing, by the No Defense row that ``pair_on`` pairs it with."""
     if claim.defense == "No Defense" or not claim.pair_on or not claim.measure.startswith("asr"):
         return None
     key = list(claim.pair_on)
     rows = _covered(claim, df)
     rows = rows[rows[f"ours {claim.measure}"].notna()] if f"ours {claim.measure}" in rows else rows.iloc[:0]
     base = df[df["defense"] == "No Defense"].set_index(key)["ours asr"]
-    before = base.reindex(rows.set_index(key).index)
+    before = pd.Series(base.reindex(rows.set_index(key).index).to_numpy(dtype=float), index=rows.index)
+    if "ours model asr" in rows:
+        before = rows["ours model asr"].astype(float).fillna(before)
     return int((before >= PLANTED_ASR).sum()), int(before.notna().sum())
 
 
