@@ -168,6 +168,9 @@ def test_estimate_uses_the_measured_seconds_of_earlier_records_at_the_profile(tm
     assert est.cells_s == pytest.approx(5 * (3.0 + 1.0))
     assert est.total_s == pytest.approx(20.0 + 20.0)
     assert "1 model(s) x 20 s of training" in est.describe()
+    # a copy of the repository's records passed as the results directory counts each experiment once
+    cpu_here = len(grid.profile_records("cpu"))
+    assert cpu_here and len(grid.profile_records("cpu", results.RESULTS_DIR)) == cpu_here
 
 
 def test_training_estimates_scale_with_the_models_multiply_adds_images_and_epochs():

@@ -333,14 +333,19 @@ def attack_factors(records: list, reference: Experiment) -> dict[str, float]:
 
 
 def profile_records(profile_name: str, results_dir: str | os.PathLike | None = None) -> list:
-    """The records at ``profile_name`` in the committed ``results/`` and ``results_dir``."""
+    """The records at ``profile_name`` in the committed ``results/`` and ``results_dir``, each experiment once: a
+    record of the same key in both (a copy of the repository's records) counts once, as ``results_dir`` holds
+    it."""
     import warnings
 
     dirs = [store.RESULTS_DIR] + ([Path(results_dir)] if results_dir else [])
+    found: dict[str, object] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unreadable records are reported where records are listed, not here
-        return [r for d in dict.fromkeys(dirs) if d.exists() for r in store.load_all(d)
-                if r.config.get("profile") == profile_name]
+        for d in dict.fromkeys(Path(d).resolve() for d in dirs):
+            if d.exists():
+                found.update((r.key, r) for r in store.load_all(d) if r.config.get("profile") == profile_name)
+    return list(found.values())
 
 
 @dataclass(frozen=True)
