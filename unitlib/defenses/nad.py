@@ -19,6 +19,10 @@ Two deviations:
   0.1 the teacher's fine-tuning on 2,000 images alone costs the ``cpu`` profile's models much of their clean
   accuracy (the measurement is in the README's measured section).
 - ``batch_stats`` (below): the teacher's attention is taken with batch statistics, as the training student's is.
+
+At the ``cpu`` profile these defaults cost the models 15-51 points of accuracy (the paper's Table 9: 2.3-5.2): the
+attention term outweighs the cross-entropy about tenfold at the start and runs away in the first epoch
+(``benchmarks/nad_attention.py``; the README's measured section has the numbers).
 """
 
 from __future__ import annotations
