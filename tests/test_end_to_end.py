@@ -61,6 +61,10 @@ def test_second_run_reuses_the_cached_model(runs):
     # the weights' digest names the training: the same model just trained and read back from the cache
     assert len(first.provenance["weights_sha256"]) == 64
     assert second.provenance["weights_sha256"] == first.provenance["weights_sha256"]
+    # and where it was trained travels with it: the cached model's record names the run that trained it
+    trained = first.provenance["model_trained"]
+    assert trained["device_name"] == first.provenance["device_name"] and trained["code_version"]
+    assert second.provenance["model_trained"] == trained
     assert second.report["reg_kept"] == first.report["reg_kept"]
 
 

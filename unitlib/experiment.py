@@ -80,6 +80,14 @@ def backdoored_model(
     return results.load_model(build_model(exp, dataset), path).to(device).eval(), None
 
 
+def _saved_metadata(path: os.PathLike) -> dict[str, str]:
+    """The metadata of the cached model at ``path`` (empty when it cannot be read)."""
+    try:
+        return results.model_metadata(path)
+    except Exception:  # no cache file (never written) or an unreadable one: the record says nothing of its training
+        return {}
+
+
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
@@ -209,6 +217,10 @@ def run(
     seconds = dict(ready.seconds)
     cached = cached_meta is not None
     model_digest = results.weights_digest(model)  # which training of the configuration, before any defense
+    # Where and by which code the model was trained (a cached model's own metadata): a retrain on another thread
+    # count or code version need not give the same weights, and the record says which training it measured.
+    meta = cached_meta if cached else _saved_metadata(results.model_path(exp, dataset.digest))
+    trained = {k: meta.get(k) for k in ("code_version", "device_name", "train_seconds")}
     with _timer(seconds, "eval_before"):
         before = cached_evaluation(exp, dataset) if cached else None
         before_cached = before is not None
@@ -240,7 +252,7 @@ def run(
         metrics={"before": before, "after": after},
         seconds=seconds,
         provenance={**origin, "dataset": exp.dataset, "data_sha256": dataset.digest,
-                    "model_key": exp.model_key(), "weights_sha256": model_digest,
+                    "model_key": exp.model_key(), "weights_sha256": model_digest, "model_trained": trained,
                     "model_from_cache": cached, "before_from_cache": before_cached,
                     "compile": (cached_meta or {}).get("compile", "off") if cached else compile,
                     "n_train": len(dataset.x_train), "n_poisoned": len(poisoned.index),
