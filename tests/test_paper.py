@@ -106,3 +106,24 @@ def test_book_rows_use_the_companion_codes_reflection_and_a_cell_can_override_it
     exp.attack_params["reflections"].append("moon")
     assert sec.experiment(Cell({}, "Reflection", "UNIT")).attack_params["reflections"] == ["coffee"]
     assert sec.experiment(Cell({}, "Blend", "UNIT")).attack_params == {}
+
+
+def test_profile_attack_params_apply_at_their_profile_only():
+    """ISSBA's `cpu` rows scale the encoder's residual (``PROFILE_ATTACK_PARAMS``); the `paper` and `smoke` rows keep
+    the attack's own scale, and a cell's own parameters still win."""
+    from unitlib import attacks
+    from unitlib.book.report import Cell, Section
+
+    cpu = Section.from_parameters("a1_baselines", profile="cpu")
+    assert cpu.experiment(Cell({}, "ISSBA", "UNIT")).attack_params == {"residual_scale": 1.5}
+    assert attacks.get("issba", **cpu.experiment(Cell({}, "ISSBA", "UNIT")).attack_params).residual_scale == 1.5
+    own = cpu.experiment(Cell({}, "ISSBA", "UNIT", changes={"attack_params": {"residual_scale": 2.0}}))
+    assert own.attack_params == {"residual_scale": 2.0}
+    paper_sec = Section.from_parameters("a1_baselines", profile="paper")
+    assert paper_sec.experiment(Cell({}, "ISSBA", "UNIT")).attack_params == {}
+    assert paper.attack_params("ISSBA") == {} and paper.attack_params("ISSBA", "cpu") == {"residual_scale": 1.5}
+    # the Reflection recipe holds at every profile, the exceptions merge over it
+    assert paper.attack_params("Reflection", "cpu") == paper.attack_params("Reflection")
+    # a copy: changing what one caller got leaves the table alone
+    paper.attack_params("ISSBA", "cpu")["residual_scale"] = 9.0
+    assert paper.PROFILE_ATTACK_PARAMS["cpu"]["ISSBA"] == {"residual_scale": 1.5}

@@ -75,7 +75,7 @@ def _book_attack_params(attack: str) -> dict:
     """The attack parameters the book's rows use for the registry name ``attack`` (Reflection: the companion
     recipe), in the form a record stores them."""
     names = [name for name, registry in paper.ATTACKS.items() if attack in registry]
-    return json.loads(json.dumps(paper.attack_params(names[0]))) if names else {}
+    return json.loads(json.dumps(paper.attack_params(names[0], "cpu"))) if names else {}
 
 
 def _book_rate(attack: str) -> float:
@@ -111,9 +111,6 @@ UNIT_SHORTFALL: dict[str, str] = {
                  "wait_for_relax), 24.83% at 5% (-4.3 points), 12.70% at 10% (-8.5 points)",
     "combat": "its low-frequency trigger is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
               "0.90-1.27x as often as clean ones in every bound point; ASR 43.09% at the 2% budget, 36.04% at 5%",
-    "issba": "the encoder's residual is barely abnormal where UNIT looks: triggered images exceed the kept bounds "
-             "1.01-1.48x as often as clean ones, point by point; ASR 80.84% at the 2% budget, 74.97% with bounds on "
-             "the first two points only, 88.91% on the last four",
     "dfst": "ASR 69.30% at the 2% budget; under the kept bounds its styled images exceed them 0.72-1.67x as often "
             "as clean ones in the first nine points, 3.81x in the last; a 5% budget leaves 10.99% (79.11)",
 }

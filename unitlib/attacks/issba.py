@@ -210,7 +210,10 @@ class ISSBA(Attack):
     The hidden string is ``message`` (default: the target label's index as text) in UTF-8, space-padded, as bits
     (:func:`message_bits`); no BCH code. ``residual_scale`` multiplies the encoder's residual when poisoning and at
     test time (1: the encoded image as the encoder makes it, the paper; the smoke profile's tiny classifier needs a
-    stronger trigger, see ``SMOKE_PARAMS``)."""
+    stronger trigger, see ``SMOKE_PARAMS``). The book's `cpu` rows use 1.5 (``unitlib.book.paper.PROFILE_ATTACK_PARAMS``):
+    at this encoder budget the residual at its own scale sits at the edge of what the `cpu` model learns in 8 epochs,
+    and whether it planted depended on the thread count the encoder was trained on (99.59% ASR on one thread, 3.44% on
+    two); at 1.5 the two-thread encoder plants (99.92%)."""
 
     name = "issba"
     citation = "Li et al., Invisible Backdoor Attack with Sample-Specific Triggers, ICCV 2021"

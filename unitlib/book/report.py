@@ -194,9 +194,11 @@ class Section:
             # that never named them.
             params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
         changes = dict(cell.changes)
-        if paper.attack_params(cell.attack):
-            # the recipe the appendix's numbers for this attack come from (a cell's own params win)
-            changes["attack_params"] = {**paper.attack_params(cell.attack), **changes.get("attack_params", {})}
+        if paper.attack_params(cell.attack, self.profile):
+            # the recipe the appendix's numbers for this attack come from, and the profile's exceptions to it (a
+            # cell's own params win)
+            changes["attack_params"] = {**paper.attack_params(cell.attack, self.profile),
+                                        **changes.get("attack_params", {})}
         if smoke_params(self.profile, "attack", attack):
             # the generator attacks' smaller smoke budgets (recorded with the experiment); a cell's own params win
             changes["attack_params"] = {**smoke_params(self.profile, "attack", attack),
