@@ -115,9 +115,10 @@ ATTACK_PARAMS: dict[str, dict[str, object]] = {
 # Per-profile exceptions to ATTACK_PARAMS (merged over them). ISSBA at `cpu`: its StegaStamp encoder is trained for
 # 6 epochs on 5,000 images (the attack's docstring), and the residual it makes then sits at the edge of what the
 # `cpu` model learns in 8 epochs: at the encoder's own scale whether the backdoor plants depended on the thread
-# count the encoder was trained on (one thread: 83.73 / 99.59; two threads: 83.10 / 3.44, the same configuration).
-# At 1.5 times the residual (mean |residual| about 2 grey levels of 255) the encoder trained on two threads plants
-# it (83.59 / 99.92). The `paper` profile keeps the encoder's own scale.
+# count the encoder was trained on (one thread: 83.73 / 99.59; two threads: 83.10 / 3.44, the same configuration,
+# AMD EPYC cores). At 1.5 times the residual (mean |residual| about 2 grey levels of 255, more than the encoder that
+# planted made) an encoder and model trained on two threads (Intel Xeon cores) plant it (83.59 / 99.92). The `paper`
+# profile keeps the encoder's own scale.
 PROFILE_ATTACK_PARAMS: dict[str, dict[str, dict[str, object]]] = {
     "cpu": {"ISSBA": {"residual_scale": 1.5}},
 }
