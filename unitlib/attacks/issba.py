@@ -213,7 +213,8 @@ class ISSBA(Attack):
     stronger trigger, see ``SMOKE_PARAMS``). The book's `cpu` rows use 1.5 (``unitlib.book.paper.PROFILE_ATTACK_PARAMS``):
     at this encoder budget the residual at its own scale sits at the edge of what the `cpu` model learns in 8 epochs,
     and whether it planted depended on the thread count the encoder was trained on (99.59% ASR on one thread, 3.44% on
-    two); at 1.5 an encoder and model trained on two threads of another machine plant (99.92%)."""
+    two); an encoder trained on two threads of another machine planted nothing at 1.0 (3.14%) and plants at 1.5
+    (99.92%)."""
 
     name = "issba"
     citation = "Li et al., Invisible Backdoor Attack with Sample-Specific Triggers, ICCV 2021"

@@ -117,8 +117,8 @@ ATTACK_PARAMS: dict[str, dict[str, object]] = {
 # `cpu` model learns in 8 epochs: at the encoder's own scale whether the backdoor plants depended on the thread
 # count the encoder was trained on (one thread: 83.73 / 99.59; two threads: 83.10 / 3.44, the same configuration,
 # AMD EPYC cores). At 1.5 times the residual (mean |residual| about 2 grey levels of 255, more than the encoder that
-# planted made) an encoder and model trained on two threads (Intel Xeon cores) plant it (83.59 / 99.92). The `paper`
-# profile keeps the encoder's own scale.
+# planted made) an encoder and model trained on two threads (Intel Xeon cores) plant it (83.59 / 99.92), where the
+# same encoder at its own scale does not (83.51 / 3.14). The `paper` profile keeps the encoder's own scale.
 PROFILE_ATTACK_PARAMS: dict[str, dict[str, dict[str, object]]] = {
     "cpu": {"ISSBA": {"residual_scale": 1.5}},
 }
