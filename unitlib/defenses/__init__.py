@@ -49,7 +49,11 @@ from .unit import UNIT, BoundedModel
 #   accuracy >= 0.86. On the seed-0 model with two threads no class is flagged (the target's anomaly index 1.48
 #   against 2; reversed one class at a time, 1.82) and ASR stays 1.00; the tests' seed-0 model with one thread
 #   leaves 0.00. More steps do not widen the margin: at 40 steps of two batches a naturally small mask of another
-#   class raises the MAD, and 4 of the first 6 runs flagged nothing. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
+#   class raises the MAD, and 4 of the first 6 runs flagged nothing. The tests' model on one thread of another CPU
+#   (an Intel Xeon, where those were AMD EPYC) gave the target an index of 1.85 (3.64 on two threads): at this
+#   budget the masks are far from converged, so the smoke budget flags from 1.5 (the paper's 2 elsewhere). A
+#   non-target class on the small side reached 1.47 (Intel, two threads): the margin is thin either way, and an
+#   extra flagged class only unlearns one more reversed trigger. RNP: ASR 0.00, accuracy >= 0.59. FT-SAM: ASR <= 0.14, accuracy >= 0.78 (at
 #   lr 0.03 it left ASR 0.60 and 0.75 on two runs of seeds 0-4). Super-FT: ASR <= 0.02, accuracy >= 0.92 (without
 #   momentum, peaks of 0.5-1.0 either left the backdoor on one seed or cost half the accuracy on another).
 # - CLP needs no budget and reads no data; it does not remove the smoke backdoor (ASR stays 1.00: the backdoor's
@@ -58,7 +62,7 @@ SMOKE_PARAMS: dict[str, dict[str, object]] = {
     "ft": {"epochs": 8, "lr": 0.1, "lr_step": 0, "batch_size": 32},
     "fp": {"ratio": 0.8, "epochs": 8, "lr": 0.05, "batch_size": 32},
     "nad": {"epochs": 5, "teacher_epochs": 5, "teacher_lr": 0.1, "lr": 0.005, "batch_size": 32},
-    "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3},
+    "nc": {"steps": 20, "batches_per_step": 1, "batch_size": 64, "unlearn_epochs": 3, "anomaly_threshold": 1.5},
     "anp": {"iterations": 100, "batch_size": 32, "alpha": 0.2, "threshold": 0.6},
     "i-bau": {"rounds": 4, "lr": 3e-3},
     "seam": {"forget_lr": 0.05, "forget_acc": 0.12, "recover_epochs": 8, "recover_lr": 0.05, "recover_lr_step": 0,
