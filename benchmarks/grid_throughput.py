@@ -4,8 +4,9 @@ run trains its models and runs its cells from scratch. Reports cells per hour an
 
     python benchmarks/grid_throughput.py [--table 9] [--seeds 0 1 2 3] [--workers 1 2] [--out FILE]
 
-Cells that share a backdoored model run in order in one worker, so the grid can use at most as many workers as it
-has models: pick tables and seeds with several (Table 9 with four seeds has eight).
+A backdoored model is trained by one worker (its group's first cell); the group's other cells then share the
+workers. Table 9 with four seeds (eight models) measures the mix; `--table 11 --seeds 0` (one model, five cells)
+measures how one model's cells spread over the workers.
 """
 
 from __future__ import annotations

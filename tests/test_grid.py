@@ -147,6 +147,38 @@ def test_workers_run_groups_in_parallel_processes(tmp_path):
     assert grid.plan("smoke", items, results_dir=tmp_path).jobs == []
 
 
+def test_the_schedule_trains_each_model_once_then_spreads_its_cells_over_the_free_workers():
+    a, b, c, d, e = ({"cell": n} for n in "abcde")
+    schedule = grid.Schedule([[a, b, c], [d], [e]])
+    first, second = schedule.next(), schedule.next()
+    assert first == ([a], [b, c]) and second == ([d], [])  # two models start, one cell each
+    schedule.finished(*second[1:], [{"ok": True}])
+    schedule.finished(first[1], [{"ok": True}])  # a's model is cached: b and c are independent cells now
+    # they go before the next model, each on its own, so two workers run them side by side
+    assert [schedule.next(), schedule.next(), schedule.next()] == [([b], []), ([c], []), ([e], [])]
+    assert schedule.next() is None
+    # a group whose first cell failed (no model): the rest in turn, and no new group after the time limit
+    schedule = grid.Schedule([[a, b, c], [d]])
+    unit = schedule.next()
+    schedule.finished(unit[1], [{"ok": False}])
+    assert schedule.next(may_start_group=False) == ([b, c], [])
+    assert schedule.next(may_start_group=False) is None and schedule.next() == ([d], [])
+
+
+def test_two_workers_share_one_models_cells_and_train_it_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path / "cache"))  # no model of this grid cached yet
+    items = grid.select_items(tables=["11"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path / "records")
+    assert len(the_plan.groups()) == 1 and len(the_plan.jobs) == 5
+    out = grid.run_grid(the_plan, workers=2, results_dir=tmp_path / "records", progress=False, log=lambda *a: None)
+    assert all(e["ok"] for e in out), [e.get("error") for e in out]
+    records = [results.load(p) for p in (tmp_path / "records").glob("*.json")]
+    assert len(records) == 5
+    assert sorted(r.provenance["model_from_cache"] for r in records) == [False, True, True, True, True]
+    assert len({r.provenance["weights_sha256"] for r in records}) == 1
+    assert grid.plan("smoke", items, results_dir=tmp_path / "records").jobs == []
+
+
 def test_estimate_uses_the_measured_seconds_of_earlier_records_at_the_profile(tmp_path):
     import json
     from pathlib import Path

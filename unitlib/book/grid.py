@@ -3,8 +3,11 @@ resumes where it stopped, on one machine (``workers`` processes) or on a cluster
 exists (Ray or Dask; neither is a dependency of unitlib).
 
 A cell is missing when the result records (the committed ``results/`` and ``results_dir``) hold no record of its
-experiment as the library runs it today. Cells that share a backdoored model form one *group*, run in order by one
-worker, so that each model is trained once and the defenses that need it reuse it from the model cache. Each cell's
+experiment as the library runs it today. Cells that share a backdoored model form one *group*, so that each model
+is trained once and the defenses that need it reuse it from the model cache: on one machine the group's first cell
+trains the model and its other cells then run on whichever workers are free (a grid of many defenses on one model,
+as A.3's sweeps are, uses every worker); on a cluster, whose workers need not share a model cache, one task runs a
+group's cells in turn. Each cell's
 record is written as soon as the cell is done, so an interrupted grid loses at most the cells in flight: the next
 run plans again and finds only what is still missing.
 
@@ -481,6 +484,35 @@ def run_group(
     return out
 
 
+class Schedule:
+    """The order in which the local engine's workers take the cells. A group's first cell trains (or loads) its
+    backdoored model into the model cache; once it is done, the group's other cells read the model from there, each
+    on its own, on whichever worker is free, and they go before any new group. A new group starts only when
+    ``may_start_group`` (the time limit not reached); the cells of a group already started still run, as they did
+    when one worker ran a group's cells in turn. Units are ``(cells, rest)``: the payloads to run now and those
+    that wait for them."""
+
+    def __init__(self, payloads: list[list[dict[str, Any]]]) -> None:
+        self.fresh = [(list(p[:1]), list(p[1:])) for p in payloads if p]
+        self.followers: list[list[dict[str, Any]]] = []
+
+    def next(self, *, may_start_group: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        if self.followers:
+            return self.followers.pop(0), []
+        if self.fresh and may_start_group:
+            return self.fresh.pop(0)
+        return None
+
+    def finished(self, rest: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+        """A unit is done: release the cells that waited for it."""
+        if not rest:
+            return
+        if all(e["ok"] for e in entries):
+            self.followers.extend([cell] for cell in rest)  # the model is in the cache: the cells are independent
+        else:
+            self.followers.append(rest)  # no model: the rest in turn (each one tries, and fails, alone)
+
+
 def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
@@ -492,7 +524,8 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run every job of ``the_plan``: one progress bar over the cells, a line per cell with its seconds. Returns one
     entry per job run (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in
-    this process); ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
+    this process; with more, a group's cells after its first, which trains the model, share the workers);
+    ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
     without one starts a local cluster of ``workers`` processes), and the records their workers send back are
     written here, by the driver.
 
@@ -540,16 +573,22 @@ def run_grid(
         elif engine == "local":
             threads = _threads_per_worker(workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                # ``workers`` groups at a time, the next one started only while there is time left
-                queue, running = list(payloads), set()
+                schedule, running = Schedule(payloads), {}
                 while True:
-                    while queue and len(running) < workers and in_time():
-                        running.add(pool.submit(run_group, queue.pop(0), out_dir, device, data_root, threads))
+                    while len(running) < workers:
+                        unit = schedule.next(may_start_group=in_time())
+                        if unit is None:
+                            break
+                        cells, rest = unit
+                        running[pool.submit(run_group, cells, out_dir, device, data_root, threads)] = rest
                     if not running:
                         break
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(set(running), return_when=FIRST_COMPLETED)
                     for future in finished:
-                        collect(future.result())
+                        rest = running.pop(future)
+                        entries = future.result()
+                        collect(entries)
+                        schedule.finished(rest, entries)
         elif engine == "ray":
             ray = _engine_module("ray")
             if not ray.is_initialized():
