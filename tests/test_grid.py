@@ -157,12 +157,12 @@ def test_the_schedule_trains_each_model_once_then_spreads_its_cells_over_the_fre
     # they go before the next model, each on its own, so two workers run them side by side
     assert [schedule.next(), schedule.next(), schedule.next()] == [([b], []), ([c], []), ([e], [])]
     assert schedule.next() is None
-    # a group whose first cell failed (no model): the rest in turn, and no new group after the time limit
+    # a group whose first cell failed (no model): the rest in turn; after the time limit nothing new starts
     schedule = grid.Schedule([[a, b, c], [d]])
     unit = schedule.next()
     schedule.finished(unit[1], [{"ok": False}])
-    assert schedule.next(may_start_group=False) == ([b, c], [])
-    assert schedule.next(may_start_group=False) is None and schedule.next() == ([d], [])
+    assert schedule.next(may_start=False) is None
+    assert schedule.next() == ([b, c], []) and schedule.next() == ([d], []) and schedule.next() is None
 
 
 def test_two_workers_share_one_models_cells_and_train_it_once(tmp_path, monkeypatch):
@@ -285,6 +285,26 @@ def test_a_time_limit_starts_no_new_model_after_it_and_the_same_grid_resumes(tmp
     rest = grid.plan("smoke", items, results_dir=tmp_path)
     assert len(rest.jobs) == len(the_plan.jobs) - len(out)
     assert len(grid.run_grid(rest, workers=workers, results_dir=tmp_path, progress=False, log=lambda *a: None))
+
+
+def test_a_time_limit_leaves_the_cells_of_a_model_already_trained_for_the_next_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNITLIB_CACHE", str(tmp_path / "cache"))
+    items = grid.select_items(tables=["11"])
+    the_plan = grid.plan("smoke", items, results_dir=tmp_path)
+    assert len(the_plan.groups()) == 1 and len(the_plan.jobs) == 5
+    lines: list[str] = []
+    # the limit passes while the first cell trains the model: its cell finishes, the other four wait for the next run
+    out = grid.run_grid(the_plan, workers=1, results_dir=tmp_path, progress=False, log=lines.append,
+                        hours=0.5 / 3600)
+    assert len(out) == 1 and out[0]["ok"], out
+    assert any(line.startswith("stopped at the time limit (") and "4 of 5 cell(s) left" in line for line in lines)
+    rest = grid.plan("smoke", items, results_dir=tmp_path)
+    assert len(rest.jobs) == 4
+    out = grid.run_grid(rest, workers=1, results_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert len(out) == 4 and all(e["ok"] for e in out)
+    records = [results.load(p) for p in tmp_path.glob("*.json")]
+    assert sorted(r.provenance["model_from_cache"] for r in records) == [False, True, True, True, True]
+    assert len({r.provenance["weights_sha256"] for r in records}) == 1  # trained once, in the first run
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])

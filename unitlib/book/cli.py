@@ -155,8 +155,8 @@ def add_grid_parser(sub: Any) -> argparse.ArgumentParser:
                                      "build/results/smoke)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--data-root", help="where the data sets are (default: $UNITLIB_DATA, then ../shared/data)")
-    g.add_argument("--hours", type=float, help="start no new backdoored model after this many hours (local "
-                                                "engine); what runs then finishes, the same command resumes")
+    g.add_argument("--hours", type=float, help="start no new cell after this many hours (local engine); what runs "
+                                                "then finishes, the same command resumes")
     g.add_argument("--calibrate", action="store_true",
                    help="time a few training steps of the profile's model here (seconds) and scale the estimate "
                         "by this machine's speed against the records'")

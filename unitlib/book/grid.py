@@ -486,19 +486,21 @@ def run_group(
 class Schedule:
     """The order in which the local engine's workers take the cells. A group's first cell trains (or loads) its
     backdoored model into the model cache; once it is done, the group's other cells read the model from there, each
-    on its own, on whichever worker is free, and they go before any new group. A new group starts only when
-    ``may_start_group`` (the time limit not reached); the cells of a group already started still run, as they did
-    when one worker ran a group's cells in turn. Units are ``(cells, rest)``: the payloads to run now and those
-    that wait for them."""
+    on its own, on whichever worker is free, and they go before any new group. Nothing new starts unless
+    ``may_start`` (the time limit not reached): a cell left then loses nothing, since its model is in the cache (or
+    failed to train) and the next run of the same grid runs it. Units are ``(cells, rest)``: the payloads to run now
+    and those that wait for them."""
 
     def __init__(self, payloads: list[list[dict[str, Any]]]) -> None:
         self.fresh = [(list(p[:1]), list(p[1:])) for p in payloads if p]
         self.followers: list[list[dict[str, Any]]] = []
 
-    def next(self, *, may_start_group: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    def next(self, *, may_start: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        if not may_start:
+            return None
         if self.followers:
             return self.followers.pop(0), []
-        if self.fresh and may_start_group:
+        if self.fresh:
             return self.fresh.pop(0)
         return None
 
@@ -528,8 +530,9 @@ def run_grid(
     without one starts a local cluster of ``workers`` processes), and the records their workers send back are
     written here, by the driver.
 
-    ``hours`` (local engine): start no backdoored model's group once that many hours have passed since the start;
-    the groups running then finish and write their records, the rest are left for the next run of the same grid."""
+    ``hours`` (local engine): start no cell once that many hours have passed since the start; the cells running
+    then finish and write their records (a model being trained lands in the cache), the rest are left for the next
+    run of the same grid."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -565,17 +568,19 @@ def run_grid(
 
     try:
         if engine == "local" and workers == 1:
-            for payload in payloads:
-                if not in_time():
-                    break
-                collect(run_group(payload, out_dir, device, data_root))
+            schedule = Schedule(payloads)
+            while (unit := schedule.next(may_start=in_time())) is not None:
+                cells, rest = unit
+                entries = run_group(cells, out_dir, device, data_root)
+                collect(entries)
+                schedule.finished(rest, entries)
         elif engine == "local":
             threads = _threads_per_worker(workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
                 schedule, running = Schedule(payloads), {}
                 while True:
                     while len(running) < workers:
-                        unit = schedule.next(may_start_group=in_time())
+                        unit = schedule.next(may_start=in_time())
                         if unit is None:
                             break
                         cells, rest = unit
