@@ -1,8 +1,15 @@
-"""The grid runner's throughput on this machine: the same `smoke` grid run with one worker and with two (or the
-counts given), side by side in one process, each into its own empty results folder and model cache, so that every
-run trains its models and runs its cells from scratch. Reports cells per hour and the speed-up over one worker.
+"""The grid runner's throughput on this machine: the same grid run with one worker and with two (or the counts
+given), side by side in one process, each into its own empty results folder and (by default) its own empty model
+cache, so that every run trains its models and runs its cells from scratch. Reports cells per hour and the speed-up
+over one worker.
 
-    python benchmarks/grid_throughput.py [--table 9] [--seeds 0 1 2 3] [--workers 1 2] [--out FILE]
+    python benchmarks/grid_throughput.py [--profile smoke] [--table 9] [--seeds 0 1 2 3] [--workers 1 2] [--out FILE]
+    python benchmarks/grid_throughput.py --profile cpu --table 11 --seeds 0 --cache shared --out FILE
+
+With ``--cache shared`` every run uses the model cache as it is (``UNITLIB_CACHE`` or the default folder): models
+already trained there are loaded, so at ``cpu`` the runs measure the cells (defenses and evaluations) and not hours
+of training. Each run starts from an empty results folder and ignores the committed records, so it runs every
+cell of the grid.
 
 A backdoored model is trained by one worker (its group's first cell); the group's other cells then share the
 workers. Table 9 with four seeds (eight models) measures the mix; `--table 11 --seeds 0` (one model, five cells)
@@ -27,6 +34,9 @@ from unitlib.book import grid  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="smoke", choices=sorted(grid.PROFILES))
+    parser.add_argument("--cache", default="fresh", choices=["fresh", "shared"],
+                        help="fresh: an empty model cache per run (default); shared: the model cache as it is")
     parser.add_argument("--table", action="append", default=[], help="tables or figures (default: 9)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -36,13 +46,15 @@ def main() -> None:
         parser.error(f"--workers must all be >= 1, got {args.workers}")
     items = grid.select_items(tables=args.table or ["9"])
     rows = []
-    saved = os.environ.get("UNITLIB_CACHE")
+    saved, committed = os.environ.get("UNITLIB_CACHE"), results.RESULTS_DIR
     try:
         for workers in args.workers:
             with tempfile.TemporaryDirectory() as tmp:
-                os.environ["UNITLIB_CACHE"] = str(Path(tmp) / "cache")
+                if args.cache == "fresh":
+                    os.environ["UNITLIB_CACHE"] = str(Path(tmp) / "cache")
                 out = Path(tmp) / "results"
-                the_plan = grid.plan("smoke", items, seeds=args.seeds, results_dir=out)
+                results.RESULTS_DIR = out  # the committed records would leave nothing to plan
+                the_plan = grid.plan(args.profile, items, seeds=args.seeds, results_dir=out)
                 start = time.perf_counter()
                 done = grid.run_grid(the_plan, workers=workers, results_dir=out, progress=False,
                                      log=lambda *a: None)
@@ -55,6 +67,7 @@ def main() -> None:
                 print(f"{workers} worker(s): {len(done)} cells on {len(the_plan.groups())} models in {wall:.1f} s, "
                       f"{rows[-1]['cells_per_hour']} cells/hour", flush=True)
     finally:
+        results.RESULTS_DIR = committed
         if saved is None:
             os.environ.pop("UNITLIB_CACHE", None)
         else:
@@ -64,7 +77,7 @@ def main() -> None:
         row["speedup"] = round(row["cells_per_hour"] / base, 2)
     import torch
 
-    report = {"profile": "smoke", "tables": grid.item_refs(items), "seeds": args.seeds, "runs": rows,
+    report = {"profile": args.profile, "model_cache": args.cache, "tables": grid.item_refs(items), "seeds": args.seeds, "runs": rows,
               "provenance": results.provenance(torch.device("cpu"))}
     text = json.dumps(report, indent=1)
     if args.out:

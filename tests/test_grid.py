@@ -163,6 +163,11 @@ def test_the_schedule_trains_each_model_once_then_spreads_its_cells_over_the_fre
     schedule.finished(unit[1], [{"ok": False}])
     assert schedule.next(may_start=False) is None
     assert schedule.next() == ([b, c], []) and schedule.next() == ([d], []) and schedule.next() is None
+    # a group whose model is already cached has no first cell to wait for: each cell is a unit from the start
+    schedule = grid.Schedule([[a, b, c], [d, e]], cached=[True, False])
+    assert [schedule.next() for _ in range(4)] == [([a], []), ([b], []), ([c], []), ([d], [e])]
+    with pytest.raises(ValueError, match="one flag per group: 1 flag"):
+        grid.Schedule([[a], [b]], cached=[True])
 
 
 def test_two_workers_share_one_models_cells_and_train_it_once(tmp_path, monkeypatch):
@@ -170,13 +175,25 @@ def test_two_workers_share_one_models_cells_and_train_it_once(tmp_path, monkeypa
     items = grid.select_items(tables=["11"])
     the_plan = grid.plan("smoke", items, results_dir=tmp_path / "records")
     assert len(the_plan.groups()) == 1 and len(the_plan.jobs) == 5
-    out = grid.run_grid(the_plan, workers=2, results_dir=tmp_path / "records", progress=False, log=lambda *a: None)
+    assert grid.models_in_cache(the_plan.groups()) == [False]
+    lines: list[str] = []
+    out = grid.run_grid(the_plan, workers=2, results_dir=tmp_path / "records", progress=False, log=lines.append)
     assert all(e["ok"] for e in out), [e.get("error") for e in out]
+    assert not any("already in the model cache" in line for line in lines)
     records = [results.load(p) for p in (tmp_path / "records").glob("*.json")]
     assert len(records) == 5
     assert sorted(r.provenance["model_from_cache"] for r in records) == [False, True, True, True, True]
     assert len({r.provenance["weights_sha256"] for r in records}) == 1
     assert grid.plan("smoke", items, results_dir=tmp_path / "records").jobs == []
+    # The same grid into another folder: the model is cached now, so no cell waits for a first one to train it.
+    again = grid.plan("smoke", items, results_dir=tmp_path / "again")
+    assert len(again.jobs) == 5 and grid.models_in_cache(again.groups()) == [True]
+    lines.clear()
+    out = grid.run_grid(again, workers=2, results_dir=tmp_path / "again", progress=False, log=lines.append)
+    assert all(e["ok"] for e in out), [e.get("error") for e in out]
+    assert "1 of 1 backdoored model(s) already in the model cache" in lines[0]
+    records = [results.load(p) for p in (tmp_path / "again").glob("*.json")]
+    assert len(records) == 5 and all(r.provenance["model_from_cache"] for r in records)
 
 
 def test_estimate_uses_the_measured_seconds_of_earlier_records_at_the_profile(tmp_path):

@@ -6,7 +6,7 @@ A cell is missing when the result records (the committed ``results/`` and ``resu
 experiment as the library runs it today. Cells that share a backdoored model form one *group*, so that each model
 is trained once and the defenses that need it reuse it from the model cache: on one machine the group's first cell
 trains the model and its other cells then run on whichever workers are free (a grid of many defenses on one model,
-as A.3's sweeps are, uses every worker); on a cluster, whose workers need not share a model cache, one task runs a
+as A.3's sweeps are, uses every worker; a model already in the cache has no first cell to wait for); on a cluster, whose workers need not share a model cache, one task runs a
 group's cells in turn. Each cell's record is written as soon as the cell is done, so an interrupted grid loses at
 most the cells in flight: the next run plans again and finds only what is still missing.
 
@@ -483,16 +483,50 @@ def run_group(
     return out
 
 
+def models_in_cache(groups: list[list[Job]], data_root: str | None = None) -> list[bool]:
+    """For each group (:meth:`Plan.groups`), whether its backdoored model is already in the model cache, so that its
+    cells need not wait for a first one to train it. The data set is loaded once per name and size for its digest
+    (part of the cache key). An attack that trains a generator with the model (IA, Dynamic) counts as not cached (its
+    generator is cached apart), as does any group whose look-up fails: its first cell then runs alone, as before, and
+    reports the error."""
+    from .. import data
+
+    digests: dict[tuple[str, int | None], str] = {}
+    out = []
+    for group in groups:
+        exp = group[0].experiment
+        try:
+            if getattr(exp.make_attack(), "trains_with_model", False):
+                out.append(False)
+                continue
+            source = (exp.dataset, exp.train_size)
+            if source not in digests:
+                digests[source] = data.load(exp.dataset, data_root, size=exp.train_size).digest
+            out.append(store.model_path(exp, digests[source]).exists())
+        except Exception:  # noqa: BLE001 - the cell itself reports it, with its traceback
+            out.append(False)
+    return out
+
+
 class Schedule:
     """The order in which the local engine's workers take the cells. A group's first cell trains (or loads) its
     backdoored model into the model cache; once it is done, the group's other cells read the model from there, each
-    on its own, on whichever worker is free, and they go before any new group. Nothing new starts unless
-    ``may_start`` (the time limit not reached): a cell left then loses nothing, since its model is in the cache (or
-    failed to train) and the next run of the same grid runs it. Units are ``(cells, rest)``: the payloads to run now
-    and those that wait for them."""
+    on its own, on whichever worker is free, and they go before any new group. A group whose model is already cached
+    (``cached``, one flag per group) has no first cell: each of its cells is a unit of its own from the start. Nothing
+    new starts unless ``may_start`` (the time limit not reached): a cell left then loses nothing, since its model is
+    in the cache (or failed to train) and the next run of the same grid runs it. Units are ``(cells, rest)``: the
+    payloads to run now and those that wait for them."""
 
-    def __init__(self, payloads: list[list[dict[str, Any]]]) -> None:
-        self.fresh = [(list(p[:1]), list(p[1:])) for p in payloads if p]
+    def __init__(self, payloads: list[list[dict[str, Any]]], cached: list[bool] | None = None) -> None:
+        if cached is not None and len(cached) != len(payloads):
+            raise ValueError(f"cached needs one flag per group: {len(cached)} flag(s) for {len(payloads)} group(s)")
+        flags = cached if cached is not None else [False] * len(payloads)
+        self.fresh: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
+        for group, ready in zip(payloads, flags):
+            if ready:
+                self.fresh += [([cell], []) for cell in group]
+            elif group:
+                self.fresh.append((list(group[:1]), list(group[1:])))
         self.followers: list[list[dict[str, Any]]] = []
 
     def next(self, *, may_start: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
@@ -525,7 +559,8 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Run every job of ``the_plan``: one progress bar over the cells, a line per cell with its seconds. Returns one
     entry per job run (``ok``, ``seconds``, ``error``). ``engine`` ``local`` runs ``workers`` processes here (1: in
-    this process; with more, a group's cells after its first, which trains the model, share the workers);
+    this process; with more, a group's cells after its first, which trains the model, share the workers, and all
+    the cells of a model already in the model cache do so from the start);
     ``ray`` and ``dask`` submit one task per backdoored model to the cluster at ``address`` (``dask``
     without one starts a local cluster of ``workers`` processes), and the records their workers send back are
     written here, by the driver.
@@ -576,8 +611,12 @@ def run_grid(
                 schedule.finished(rest, entries)
         elif engine == "local":
             threads = _threads_per_worker(workers)
+            cached = models_in_cache(groups, data_root)
+            if any(cached):
+                log(f"{sum(cached)} of {len(groups)} backdoored model(s) already in the model cache: their cells "
+                    f"start on any free worker")
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                schedule, running = Schedule(payloads), {}
+                schedule, running = Schedule(payloads, cached), {}
                 while True:
                     while len(running) < workers:
                         unit = schedule.next(may_start=in_time())
