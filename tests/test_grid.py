@@ -157,12 +157,17 @@ def test_the_schedule_trains_each_model_once_then_spreads_its_cells_over_the_fre
     # they go before the next model, each on its own, so two workers run them side by side
     assert [schedule.next(), schedule.next(), schedule.next()] == [([b], []), ([c], []), ([e], [])]
     assert schedule.next() is None
-    # a group whose first cell failed (no model): the rest in turn; after the time limit nothing new starts
+    # a group whose first cell failed (no model): the rest one at a time, each waiting for the one before; after
+    # the time limit nothing new starts, not even the rest of a group
     schedule = grid.Schedule([[a, b, c], [d]])
     unit = schedule.next()
     schedule.finished(unit[1], [{"ok": False}])
     assert schedule.next(may_start=False) is None
-    assert schedule.next() == ([b, c], []) and schedule.next() == ([d], []) and schedule.next() is None
+    unit = schedule.next()
+    assert unit == ([b], [c])
+    schedule.finished(unit[1], [{"ok": False}])
+    assert schedule.next(may_start=False) is None
+    assert schedule.next() == ([c], []) and schedule.next() == ([d], []) and schedule.next() is None
     # a group whose model is already cached has no first cell to wait for: each cell is a unit from the start
     schedule = grid.Schedule([[a, b, c], [d, e]], cached=[True, False])
     assert [schedule.next() for _ in range(4)] == [([a], []), ([b], []), ([c], []), ([d], [e])]

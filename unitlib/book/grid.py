@@ -527,13 +527,13 @@ class Schedule:
                 self.fresh += [([cell], []) for cell in group]
             elif group:
                 self.fresh.append((list(group[:1]), list(group[1:])))
-        self.followers: list[list[dict[str, Any]]] = []
+        self.followers: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []
 
     def next(self, *, may_start: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         if not may_start:
             return None
         if self.followers:
-            return self.followers.pop(0), []
+            return self.followers.pop(0)
         if self.fresh:
             return self.fresh.pop(0)
         return None
@@ -543,9 +543,11 @@ class Schedule:
         if not rest:
             return
         if all(e["ok"] for e in entries):
-            self.followers.extend([cell] for cell in rest)  # the model is in the cache: the cells are independent
+            self.followers.extend(([cell], []) for cell in rest)  # the model is in the cache: independent cells
         else:
-            self.followers.append(rest)  # no model: the rest in turn (each one tries, and fails, alone)
+            # no model: the next cell tries (and may fail) alone, the others wait for it, so that two workers never
+            # train the same model side by side and the time limit is checked between them
+            self.followers.append((rest[:1], rest[1:]))
 
 
 def _threads_per_worker(workers: int) -> int:
