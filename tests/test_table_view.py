@@ -129,6 +129,14 @@ def test_a_row_says_when_its_defense_ran_on_another_or_an_unplanted_model():
     view = _cells(report.table_view(table.assign(**{"ours model": notes})))
     assert view.loc[("ISSBA", "FT"), "note"] == "undefended model 83.10 / 3.44 (ASR under 90%)"
     assert view.loc[("BadNets", "FT"), "note"] == ""
+    # a model more than 10 points of clean accuracy under the best undefended model of the table is broken, not
+    # backdoored, whatever its ASR (the best here: BadNets' 83.9)
+    broken = table.assign(**{"ours model acc": [83.9, 73.89, 84.02, 83.07, 73.95, np.nan],
+                             "ours model asr": [100.0, 99.99, 99.99, 97.77, 97.77, np.nan]})
+    notes = report.model_notes(broken, ["attack", "defense"])
+    assert notes[1] == ("undefended model 73.89 / 99.99 (clean accuracy 10.01 points under the best undefended "
+                        "model here: broken, not backdoored)")
+    assert notes[4] == "another training of this configuration: 73.95 / 97.77 undefended"
     # a table without a defense column: every row is a defended one, judged by its own model only
     sweep = pd.DataFrame([{**_row("CL", "ANP", (80.0, 5.0)), "ours model acc": 82.0, "ours model asr": 50.0}])
     assert report.model_notes(sweep.drop(columns="defense"), ["attack"]) == [

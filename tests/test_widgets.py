@@ -148,6 +148,15 @@ def test_a4_claims_are_checked_against_the_papers_sentences():
     t4.loc[(t4.alpha == 100) & (t4.loss == "BadNets + term") & (t4.defense == "No Defense"), "ours asr"] = 2.0
     flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
     assert flagged == ["yes (3 of 9 rows on a model the attack did not backdoor)", "yes", "yes"]
+    # a model that lost its clean accuracy (more than 10 points under the table's best undefended one) is broken,
+    # not backdoored, whatever its ASR; 10 points under is not
+    t4, t5, t6 = _a4_tables()
+    best = t4.loc[t4.defense == "No Defense", "ours acc"].max()
+    no_defense = (t4.loss == "Eq. 6 as printed") & (t4.defense == "No Defense")
+    t4.loc[no_defense & (t4.alpha == 10), "ours acc"] = best - 10.01
+    t4.loc[no_defense & (t4.alpha == 100), "ours acc"] = best - 10.0
+    flagged = report.a4_claims(t4, t5, t6).set_index("measures").loc["max of asr (UNIT)", "holds"].tolist()
+    assert flagged == ["yes (1 of 9 rows on a model the attack did not backdoor)", "yes", "yes"]
     # the noisy trigger is judged at the levels the text names (0.05-1.0), not at 0.01 where it still fires
     assert out.loc["max of asr_noisy (No Defense)", "ours"] == 5.0
     # "less than 4.40%" allows no more than 4.40; a noisy trigger at 0.05 that still fires fails "significantly

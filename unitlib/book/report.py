@@ -438,7 +438,9 @@ def caption(df: pd.DataFrame, *, title: str = "", section: Section | None = None
 def model_notes(df: pd.DataFrame, label_cols: list[str]) -> list[str]:
     """Per row of a comparison table, what to say about the undefended model its defense ran on (the columns
     ``ours model acc`` and ``ours model asr``, percent): for a defended row whose model's ASR is under
-    :data:`PLANTED_ASR`, its numbers (a low ASR after a defense says little where the attack did not plant); else,
+    :data:`PLANTED_ASR`, its numbers (a low ASR after a defense says little where the attack did not plant); for
+    one whose clean accuracy is more than :data:`PLANTED_ACC_GAP` points under the table's best undefended model,
+    its numbers and that gap (a broken model, not a backdoored one); else,
     where the table has a no-defense row with the same other labels whose numbers differ, that the defense ran on
     another training of the same configuration (a model trained again need not be the same model). Empty
     otherwise."""
@@ -449,6 +451,7 @@ def model_notes(df: pd.DataFrame, label_cols: list[str]) -> list[str]:
         for _, row in df[~defended].iterrows():
             if pd.notna(row["ours acc"]) and pd.notna(row["ours asr"]):
                 undefended[tuple(str(row[c]) for c in others)] = (row["ours acc"], row["ours asr"])
+    best = _best_undefended_acc(df)
     notes = []
     for i, row in df.iterrows():
         acc, asr = row.get("ours model acc", np.nan), row.get("ours model asr", np.nan)
@@ -459,6 +462,9 @@ def model_notes(df: pd.DataFrame, label_cols: list[str]) -> list[str]:
         base = undefended.get(tuple(str(row[c]) for c in others))
         if asr < PLANTED_ASR:
             notes.append(f"undefended model {model} (ASR under {PLANTED_ASR:g}%)")
+        elif _broken(acc, best):
+            notes.append(f"undefended model {model} (clean accuracy {best - acc:.2f} points under the best "
+                         f"undefended model here: broken, not backdoored)")
         elif base is not None and max(abs(acc - base[0]), abs(asr - base[1])) > 0.005:
             notes.append(f"another training of this configuration: {model} undefended")
         else:
@@ -716,12 +722,33 @@ def _covered(claim: Claim, df: pd.DataFrame) -> pd.DataFrame:
 # A backdoor counts as planted where the undefended model's ASR reaches this (percent): a defense's low ASR on a
 # model the attack never backdoored says nothing about the defense.
 PLANTED_ASR = 90.0
+# ... and where the undefended model's clean accuracy is no more than this many points under the best undefended
+# model of its table: a model far below it is broken, not backdoored (at the extreme it sends most clean images to
+# the target as well, so its ASR is high for that reason alone), and a defense's numbers on it say little.
+PLANTED_ACC_GAP = 10.0
+
+
+def _best_undefended_acc(df: pd.DataFrame) -> float:
+    """The clean accuracy (percent) of the best undefended model of a comparison table: its No Defense rows, or
+    where it has none, the models its rows' defenses ran on; NaN if none is known."""
+    has = "defense" in df and "ours acc" in df
+    accs = df.loc[df["defense"] == "No Defense", "ours acc"] if has else pd.Series(dtype=float)
+    if not accs.notna().any() and "ours model acc" in df:
+        accs = df["ours model acc"]
+    accs = pd.to_numeric(accs, errors="coerce")
+    return float(accs.max()) if accs.notna().any() else float("nan")
+
+
+def _broken(acc: float, best: float) -> bool:
+    """Whether an undefended model of ``acc`` clean accuracy is broken rather than backdoored (see
+    :data:`PLANTED_ACC_GAP`); unknown numbers are not."""
+    return bool(pd.notna(acc) and pd.notna(best) and acc < best - PLANTED_ACC_GAP)
 
 
 def _planted(claim: Claim, df: pd.DataFrame) -> tuple[int, int] | None:
-    """For a claim about a defense's ASR with ``pair_on``: how many of its rows with our numbers sit on a model whose
-    undefended ASR reached :data:`PLANTED_ASR`, and on how many the undefended ASR is known; None for other
-    claims. Each row is judged by the model its own defense ran on (``ours model asr``, from :meth:`Section.compare`)
+    """For a claim about a defense's ASR with ``pair_on``: how many of its rows with our numbers sit on a backdoored
+    model (undefended ASR at least :data:`PLANTED_ASR`, clean accuracy not broken: :data:`PLANTED_ACC_GAP`), and on
+    how many the undefended ASR is known; None for other Each row is judged by the model its own defense ran on (``ours model asr`` and ``acc``, from :meth:`Section.compare`)
     where the table has it, since a retrained model need not be the one the No Defense row measured; otherwise, or
     where that is missing, by the No Defense row that ``pair_on`` pairs it with."""
     if claim.defense == "No Defense" or not claim.pair_on or not claim.measure.startswith("asr"):
@@ -729,11 +756,21 @@ def _planted(claim: Claim, df: pd.DataFrame) -> tuple[int, int] | None:
     key = list(claim.pair_on)
     rows = _covered(claim, df)
     rows = rows[rows[f"ours {claim.measure}"].notna()] if f"ours {claim.measure}" in rows else rows.iloc[:0]
-    base = df[df["defense"] == "No Defense"].set_index(key)["ours asr"]
-    before = pd.Series(base.reindex(rows.set_index(key).index).to_numpy(dtype=float), index=rows.index)
-    if "ours model asr" in rows:
-        before = rows["ours model asr"].astype(float).fillna(before)
-    return int((before >= PLANTED_ASR).sum()), int(before.notna().sum())
+    undefended = df[df["defense"] == "No Defense"].set_index(key)
+
+    def model(column: str) -> pd.Series:
+        if f"ours {column}" not in undefended:
+            paired = pd.Series(np.nan, index=rows.index)
+        else:
+            paired = pd.Series(undefended[f"ours {column}"].reindex(rows.set_index(key).index)
+                               .to_numpy(dtype=float), index=rows.index)
+        own = f"ours model {column}"
+        return rows[own].astype(float).fillna(paired) if own in rows else paired
+
+    asr, acc = model("asr"), model("acc")
+    best = _best_undefended_acc(df)
+    broken = pd.Series([_broken(a, best) for a in acc], index=rows.index, dtype=bool)
+    return int(((asr >= PLANTED_ASR) & ~broken).sum()), int(asr.notna().sum())
 
 
 def _claim_values(claim: Claim, df: pd.DataFrame, side: str) -> pd.Series:
@@ -772,7 +809,8 @@ def check_claims(claims: tuple[Claim, ...], tables: dict[str, pd.DataFrame], *,
     claims' ``table``: the paper's sentence, its number, ours (percent, combined over the rows the claim covers),
     how many of those rows have our number, whether it holds ("incomplete" while a row it covers has none; a note
     where some of the rows sit on a model whose undefended ASR is under :data:`PLANTED_ASR`, so that a low ASR there
-    says nothing about the defense), and whether it holds on the paper's own numbers in the same table where the
+    says nothing about the defense, or whose clean accuracy is more than :data:`PLANTED_ACC_GAP` points under the
+    table's best undefended model, a broken model rather than a backdoored one), and whether it holds on the paper's own numbers in the same table where the
     paper prints them."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
