@@ -77,8 +77,8 @@ def main() -> None:
         row["speedup"] = round(row["cells_per_hour"] / base, 2)
     import torch
 
-    report = {"profile": args.profile, "model_cache": args.cache, "tables": grid.item_refs(items), "seeds": args.seeds, "runs": rows,
-              "provenance": results.provenance(torch.device("cpu"))}
+    report = {"profile": args.profile, "model_cache": args.cache, "tables": grid.item_refs(items), "seeds": args.seeds,
+              "runs": rows, "provenance": results.provenance(torch.device("cpu"))}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

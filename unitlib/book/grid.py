@@ -7,8 +7,9 @@ experiment as the library runs it today. Cells that share a backdoored model for
 is trained once and the defenses that need it reuse it from the model cache: on one machine the group's first cell
 trains the model and its other cells then run on whichever workers are free (a grid of many defenses on one model,
 as A.3's sweeps are, uses every worker; a model already in the cache has no first cell to wait for); on a cluster,
-whose workers need not share a model cache, one task runs a group's cells in turn. Each cell's record is written as soon as the cell is done, so an interrupted grid loses at
-most the cells in flight: the next run plans again and finds only what is still missing.
+whose workers need not share a model cache, one task runs a group's cells in turn. Each cell's record is written
+as soon as the cell is done, so an interrupted grid loses at most the cells in flight: the next run plans again and
+finds only what is still missing.
 
     python -m unitlib.book grid --profile cpu --section a5_ablations --list
     python -m unitlib.book grid --profile cpu --table 8 --workers 2

@@ -748,9 +748,10 @@ def _broken(acc: float, best: float) -> bool:
 def _planted(claim: Claim, df: pd.DataFrame) -> tuple[int, int] | None:
     """For a claim about a defense's ASR with ``pair_on``: how many of its rows with our numbers sit on a backdoored
     model (undefended ASR at least :data:`PLANTED_ASR`, clean accuracy not broken: :data:`PLANTED_ACC_GAP`), and on
-    how many the undefended ASR is known; None for other Each row is judged by the model its own defense ran on (``ours model asr`` and ``acc``, from :meth:`Section.compare`)
-    where the table has it, since a retrained model need not be the one the No Defense row measured; otherwise, or
-    where that is missing, by the No Defense row that ``pair_on`` pairs it with."""
+    how many the undefended ASR is known; None for other claims. Each row is judged by the model its own defense ran
+    on (``ours model asr`` and ``ours model acc``, from :meth:`Section.compare`) where the table has it, since a
+    retrained model need not be the one the No Defense row measured; otherwise, or where that is missing, by the No
+    Defense row that ``pair_on`` pairs it with."""
     if claim.defense == "No Defense" or not claim.pair_on or not claim.measure.startswith("asr"):
         return None
     key = list(claim.pair_on)
