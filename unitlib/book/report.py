@@ -811,8 +811,8 @@ def check_claims(claims: tuple[Claim, ...], tables: dict[str, pd.DataFrame], *,
     how many of those rows have our number, whether it holds ("incomplete" while a row it covers has none; a note
     where some of the rows sit on a model whose undefended ASR is under :data:`PLANTED_ASR`, so that a low ASR there
     says nothing about the defense, or whose clean accuracy is more than :data:`PLANTED_ACC_GAP` points under the
-    table's best undefended model, a broken model rather than a backdoored one), and whether it holds on the paper's own numbers in the same table where the
-    paper prints them."""
+    table's best undefended model, a broken model rather than a backdoored one), and whether it holds on the paper's
+    own numbers in the same table where the paper prints them."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 points, got {tolerance!r}")
     numbers = paper.text_numbers().set_index("id")
