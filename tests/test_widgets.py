@@ -249,7 +249,7 @@ def test_status_covers_every_item_without_running_anything(tmp_path):
     status = appendix.status(("cpu",), results_dir=str(tmp_path), gallery_attacks=["BadNets"], to_fill="cpu")
     assert list(status["item"]) == [i.ref for i in appendix.ITEMS]
     assert {"Table 3", "Table 12", "Fig. 14"} <= set(status["item"])
-    assert status.set_index("item").loc["Fig. 7", "cpu"].startswith("shown for 1 of 14 attacks")
+    assert status.set_index("item").loc["Fig. 7", "cpu"].startswith("shown for 1 of 16 attacks")
     # each item's words agree with its cells' records (Table 8: every cell, some or none, as the records stand)
     sec = report.Section(profile="cpu", results_dir=str(tmp_path))
     t8 = sec.compare(appendix.table8(sec), log=lambda *a: None)
